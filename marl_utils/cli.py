@@ -1,0 +1,95 @@
+"""The `marl` command (also `python -m marl_utils`): each stage, or the whole pipeline.
+
+    marl sft     [--profile P] [--dataset SRC] [--output-dir OUT]   stage 1 -> OUT/sft/
+    marl reward  [--profile P] [--dataset SRC] [--output-dir OUT]   stage 2 -> OUT/reward_adapter/
+    marl ppo     [--profile P] [--dataset SRC] [--output-dir OUT]   stage 3 -> OUT/ppo/
+    marl run     [--profile P] [--dataset SRC] [--output-dir OUT]   all three + plots + summary.json
+    marl bench   [--profile P] [--base-size tiny|mid] [--output-dir OUT]
+
+Bad input ends the command with one line, `error: <what was wrong and how to fix it>`, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import MarlInputError
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default=None,
+                        help="tiny (offline, CPU) or gpt2-imdb (Hub, GPU); default: $MARL_PROFILE, else by CUDA")
+    parser.add_argument("--dataset", default=None,
+                        help="offline | a Hub id (stanfordnlp/imdb) | a .parquet/.csv/.tsv/.jsonl file or folder "
+                             "with text,label columns")
+    parser.add_argument("--output-dir", default=None, help="run folder (default: runs/<profile>)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="retrain this stage even if its folder exists")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="marl", description="Multi-Adapter RL: SFT -> reward adapter -> PPO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [("sft", "stage 1: supervised fine-tuning"),
+                            ("reward", "stage 2: train the reward adapter"),
+                            ("ppo", "stage 3: PPO on a policy adapter, scored by the reward adapter"),
+                            ("run", "stages 1-3 end to end, with plots and summary.json")]:
+        p = sub.add_parser(name, help=help_text)
+        _common(p)
+        if name in ("ppo", "run"):
+            p.add_argument("--steps", type=int, default=None, help="PPO steps (default: the profile's)")
+            p.add_argument("--resume", action="store_true", help="continue PPO from the last checkpoint")
+    bench = sub.add_parser("bench", help="memory and time: one shared base vs separate models")
+    bench.add_argument("--profile", default=None)
+    bench.add_argument("--base-size", default="mid", choices=["tiny", "mid"])
+    bench.add_argument("--output-dir", default=None)
+    bench.add_argument("--steps", type=int, default=3, help="timed PPO steps per layout")
+    return parser
+
+
+def run_command(args) -> int:
+    from .profiles import resolve_profile
+
+    if args.command == "bench":
+        from .bench import run_bench
+
+        run_bench(resolve_profile(args.profile), output_dir=args.output_dir, base_size=args.base_size,
+                  steps=args.steps)
+        return 0
+    profile = resolve_profile(args.profile)
+    if args.command == "sft":
+        from .sft import train_sft
+
+        train_sft(profile, args.output_dir, args.dataset, seed=args.seed, force=args.force)
+    elif args.command == "reward":
+        from .reward import train_reward_adapter
+
+        train_reward_adapter(profile, args.output_dir, args.dataset, seed=args.seed, force=args.force)
+    elif args.command == "ppo":
+        from .pipeline import run_ppo_stage
+
+        run_ppo_stage(profile, args.output_dir, args.dataset, seed=args.seed, force=args.force,
+                      steps=args.steps, resume=args.resume)
+    elif args.command == "run":
+        from .pipeline import run_pipeline
+
+        run_pipeline(profile, args.output_dir, args.dataset, seed=args.seed, force=args.force,
+                     steps=args.steps, resume=args.resume)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if os.environ.get("CI"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return run_command(args)
+    except MarlInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

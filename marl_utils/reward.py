@@ -1,0 +1,271 @@
+"""Stage 2: the reward adapter, a LoRA reward model on the SAME base as the policy (notebook 02).
+
+The reward model is the stage-1 model loaded as a sequence classifier (one output: the score) with
+a LoRA adapter and a fresh score head, trained with TRL's RewardTrainer on preference pairs:
+chosen = a positive review, rejected = a negative one. The Bradley-Terry loss
+`-log sigmoid(r(chosen) - r(rejected))` only cares about score differences.
+
+Because it is an adapter on the stage-1 weights, PPO can later score rollouts by switching to this
+adapter on the policy's own base instead of holding a second model in memory.
+
+PPO scores SHORT texts (a prompt plus ~20 new tokens), not full reviews. Trained on full reviews
+only, a reward model may learn to read the end of a review; so we also train on pairs of prefixes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_dir
+from .errors import MarlInputError
+from .profiles import Profile
+from .runs import prepare_run_dir, read_metrics, stage_dir
+
+
+@dataclass
+class RewardResult:
+    """What stage 2 produced: the adapter folder and its held-out accuracies."""
+
+    adapter_dir: Path
+    metrics: dict
+    log_history: list = field(default_factory=list)
+
+
+def check_sft_dir(sft_dir: str | Path) -> Path:
+    """Reject a missing folder or one that holds no model, before any training starts."""
+    sft_dir = Path(sft_dir)
+    if not sft_dir.is_dir():
+        raise MarlInputError(f"SFT model folder {sft_dir} does not exist; run stage 1 first (`marl sft`) "
+                             "or pass the folder of a causal LM saved with save_pretrained")
+    if not (sft_dir / "config.json").exists() or not any(sft_dir.glob("*.safetensors")) and not any(
+            sft_dir.glob("*.bin")):
+        raise MarlInputError(f"{sft_dir} is not a saved model (config.json and weights expected); "
+                             "point to the stage-1 output folder `OUT/sft/`")
+    return sft_dir
+
+
+def make_pairs(texts, labels, n_pairs: int, seed: int) -> list[tuple[str, str]]:
+    """Seeded (chosen, rejected) pairs: each a positive review against a negative one."""
+    rng = random.Random(seed)
+    pos = [t for t, y in zip(texts, labels) if y == 1]
+    neg = [t for t, y in zip(texts, labels) if y == 0]
+    if not pos or not neg:
+        missing = "positive (label 1)" if not pos else "negative (label 0)"
+        raise MarlInputError(f"the dataset has no {missing} reviews, so no preference pairs can be made; "
+                             "a reward model needs both labels")
+    rng.shuffle(pos)
+    rng.shuffle(neg)
+    n = min(n_pairs, len(pos), len(neg))
+    return list(zip(pos[:n], neg[:n]))
+
+
+def tokenize_pair(tokenizer, chosen: str, rejected: str, prefix_tokens: int | None, max_length: int) -> dict:
+    """Token ids of one pair; a full review ends with EOS, a prefix does not (like a PPO response cut short)."""
+    def ids(text):
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if prefix_tokens is not None:
+            return tokens[:prefix_tokens]
+        return tokens[: max_length - 1] + [tokenizer.eos_token_id]
+
+    return {"chosen_ids": ids(chosen), "rejected_ids": ids(rejected)}
+
+
+def build_pair_dataset(tokenizer, pairs, prefix_lengths, max_length: int, seed: int):
+    """Full-review pairs plus the same number of prefix pairs with a seeded prefix length each."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = [tokenize_pair(tokenizer, c, r, None, max_length) for c, r in pairs]
+    if prefix_lengths:
+        rows += [tokenize_pair(tokenizer, c, r, rng.choice(prefix_lengths), max_length) for c, r in pairs]
+    rng.shuffle(rows)
+    return Dataset.from_list(rows)
+
+
+def score_ids(model, batch_ids, pad_token_id: int, batch_size: int = 32):
+    """One score per sequence from a sequence-classification model, right-padded batches."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(batch_ids), batch_size):
+            chunk = batch_ids[start:start + batch_size]
+            width = max(len(x) for x in chunk)
+            ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, x in enumerate(chunk):
+                ids[i, : len(x)] = torch.tensor(x)
+                mask[i, : len(x)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            scores.append(logits[:, 0].float().cpu())
+    return torch.cat(scores)
+
+
+def score_texts(model, tokenizer, texts, *, prefix_tokens: int | None = None, max_length: int = 128):
+    """Scores of plain texts (full review + EOS, or its first `prefix_tokens` tokens)."""
+    batch = [tokenize_pair(tokenizer, t, t, prefix_tokens, max_length)["chosen_ids"] for t in texts]
+    return score_ids(model, batch, tokenizer.pad_token_id)
+
+
+def pairwise_accuracy(model, tokenizer, pairs, *, prefix_tokens=None, max_length=128) -> float:
+    """Fraction of held-out pairs where the chosen review scores higher than the rejected one."""
+    chosen = score_texts(model, tokenizer, [c for c, _ in pairs], prefix_tokens=prefix_tokens, max_length=max_length)
+    rejected = score_texts(model, tokenizer, [r for _, r in pairs], prefix_tokens=prefix_tokens,
+                           max_length=max_length)
+    return (chosen > rejected).float().mean().item()
+
+
+def reward_lora_config(profile: Profile):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="SEQ_CLS",  # peft then also trains and saves the new score head (modules_to_save)
+        r=profile.reward_lora_r,
+        lora_alpha=profile.reward_lora_alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=list(profile.lora_target_modules) if profile.lora_target_modules else "all-linear",
+    )
+
+
+def reward_config(profile: Profile, work_dir: str, seed: int = 0):
+    """TRL's RewardConfig with defaults fixed for this tutorial (fp32 on CPU, no checkpointing)."""
+    from trl import RewardConfig
+
+    from .sft import has_cuda
+
+    cuda = has_cuda()
+    return RewardConfig(
+        output_dir=work_dir,
+        max_length=profile.reward_max_length,
+        num_train_epochs=profile.reward_epochs,
+        max_steps=profile.reward_max_steps,
+        per_device_train_batch_size=profile.reward_batch_size,
+        learning_rate=profile.reward_learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        center_rewards_coefficient=0.01,  # keeps scores near 0, which keeps PPO's reward scale sane
+        bf16=False,
+        fp16=cuda,
+        gradient_checkpointing=False,
+        logging_steps=10,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        seed=seed,
+        optim="adamw_torch",
+    )
+
+
+def load_reward_model(sft_dir, tokenizer, adapter_dir=None):
+    """The stage-1 model as a 1-output sequence classifier, with the reward adapter if given."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    return model
+
+
+def train_reward_adapter(profile: Profile, output_dir=None, dataset=None, *, sft_dir=None, seed: int = 0,
+                         force: bool = False, progress: bool = True) -> RewardResult:
+    """Run stage 2 into `OUT/reward_adapter/` (building stage 1 first if it is missing)."""
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .data import load_imdb
+
+    out = prepare_run_dir(output_dir, profile)
+    final = stage_dir(out, "reward_adapter")
+    if final.exists() and not force:
+        print(f"stage 2 (reward adapter) already done: {final}")
+        return RewardResult(final, read_metrics(final), read_metrics(final).get("log_history", []))
+
+    data = load_imdb(dataset or profile.dataset, seed=seed)  # validates the dataset before any training
+    train_pairs = make_pairs(data["train"]["text"], data["train"]["label"], profile.reward_train_pairs, seed)
+    eval_pairs = make_pairs(data["test"]["text"], data["test"]["label"], profile.reward_eval_pairs, seed + 1)
+    if sft_dir is None:
+        sft_dir = stage_dir(out, "sft")
+        if not sft_dir.exists():
+            from .sft import train_sft
+
+            print("stage 1 output missing: running SFT first")
+            train_sft(profile, out, dataset, seed=seed, progress=progress)
+    sft_dir = check_sft_dir(sft_dir).resolve()
+
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    if tokenizer.pad_token is None:
+        raise MarlInputError(f"the tokenizer in {sft_dir} has no pad token; save the stage-1 tokenizer with one")
+    model = load_reward_model(str(sft_dir), tokenizer)
+    max_len = profile.reward_max_length
+    prefix = profile.reward_eval_prefix_tokens
+    untrained = {
+        "untrained_accuracy": pairwise_accuracy(model, tokenizer, eval_pairs, max_length=max_len),
+        "untrained_prefix_accuracy": pairwise_accuracy(model, tokenizer, eval_pairs, prefix_tokens=prefix,
+                                                       max_length=max_len),
+    }
+    train_ds = build_pair_dataset(tokenizer, train_pairs, profile.reward_prefix_tokens, max_len, seed)
+
+    from trl import RewardTrainer
+
+    work_dir = tempfile.mkdtemp(prefix="marl-reward-")
+    try:
+        args = reward_config(profile, work_dir, seed)
+        args.disable_tqdm = not progress
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                                    peft_config=reward_lora_config(profile))
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        trainer.train()
+        log_history = [r for r in trainer.state.log_history if "loss" in r]
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    model = trainer.model
+    metrics = {
+        "profile": profile.name,
+        "sft_dir": str(sft_dir),
+        "seconds": round(time.perf_counter() - start, 2),
+        "eval_accuracy": pairwise_accuracy(model, tokenizer, eval_pairs, max_length=max_len),
+        "eval_prefix_accuracy": pairwise_accuracy(model, tokenizer, eval_pairs, prefix_tokens=prefix,
+                                                  max_length=max_len),
+        "eval_prefix_tokens": prefix,
+        **untrained,
+        "train_pairs": len(train_ds),
+        "eval_pairs": len(eval_pairs),
+        "log_history": log_history,
+    }
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"stage 2 (reward adapter) done in {metrics['seconds']:.0f}s: held-out accuracy "
+          f"{metrics['eval_accuracy']:.3f} (untrained {untrained['untrained_accuracy']:.3f}), "
+          f"{prefix}-token prefixes {metrics['eval_prefix_accuracy']:.3f} -> {final}")
+    return RewardResult(final, metrics, log_history)
