@@ -40,6 +40,8 @@ class Profile:
     sft_learning_rate: float = 2e-3
     sft_max_train_examples: int | None = None
     sft_eval_examples: int = 200
+    sft_max_perplexity: float = 4.0
+    """The bar notebook 01 asserts: held-out perplexity after SFT must be below it."""
 
     # Stage 2: reward adapter
     reward_max_length: int = 128
@@ -54,6 +56,8 @@ class Profile:
     reward_learning_rate: float = 3e-3
     reward_train_pairs: int = 2000
     reward_eval_pairs: int = 400
+    reward_min_accuracy: float = 0.95
+    reward_min_prefix_accuracy: float = 0.85
 
     # Stage 3: PPO
     ppo_lora_r: int = 16
@@ -98,12 +102,15 @@ PROFILES: dict[str, Profile] = {
         sft_learning_rate=5e-5,
         sft_max_train_examples=None,
         sft_eval_examples=500,
+        sft_max_perplexity=40.0,
         reward_max_length=256,
         reward_epochs=1.0,
         reward_batch_size=16,
         reward_learning_rate=1e-4,
         reward_train_pairs=10000,
         reward_eval_pairs=1000,
+        reward_min_accuracy=0.85,
+        reward_min_prefix_accuracy=0.70,
         ppo_steps=194,
         ppo_batch_size=128,
         ppo_mini_batch_size=128,

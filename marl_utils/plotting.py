@@ -1,0 +1,99 @@
+"""Plots shared by the notebooks and `marl run` (one call each, so notebooks stay about the algorithm)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    if not _in_notebook():
+        matplotlib.use("Agg")  # `marl run` on a headless machine writes PNGs only
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+
+        return get_ipython() is not None and "IPKernelApp" in get_ipython().config
+    except Exception:
+        return False
+
+
+def _smooth(values, window: int):
+    if window <= 1 or len(values) < window:
+        return values
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_curves(history: list[dict], keys, *, x_key: str | None = None, titles=None, smooth: int = 1,
+                save_to: str | Path | None = None, suptitle: str | None = None):
+    """One small panel per metric in `keys`, from a list of per-step dicts (a trainer's history)."""
+    plt = _plt()
+    keys = list(keys)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, key, title in zip(axes[0], keys, titles or keys):
+        rows = [r for r in history if key in r]
+        xs = [r[x_key] if x_key else i for i, r in enumerate(rows)]
+        ys = [float(r[key]) for r in rows]
+        ax.plot(xs, ys, alpha=0.35 if smooth > 1 else 1.0, color="tab:blue")
+        if smooth > 1:
+            ax.plot(xs, _smooth(ys, smooth), color="tab:blue")
+        ax.set_title(title)
+        ax.set_xlabel(x_key or "step")
+        ax.grid(alpha=0.3)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    if save_to:
+        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save_to, dpi=110)
+    return fig
+
+
+def plot_score_histograms(pos_scores, neg_scores, *, title="reward scores of held-out reviews", save_to=None):
+    """Overlaid histograms of reward scores for positive and negative reviews."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    lo = min(min(pos_scores), min(neg_scores))
+    hi = max(max(pos_scores), max(neg_scores))
+    bins = [lo + (hi - lo) * i / 30 for i in range(31)]
+    ax.hist(neg_scores, bins=bins, alpha=0.6, label="negative reviews", color="tab:red")
+    ax.hist(pos_scores, bins=bins, alpha=0.6, label="positive reviews", color="tab:green")
+    ax.set_xlabel("score")
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    if save_to:
+        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save_to, dpi=110)
+    return fig
+
+
+def plot_bars(labels, values, *, ylabel: str, title: str, save_to=None, fmt="{:.1f}"):
+    """A labelled bar chart (memory per layout, seconds per step...)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(labels)), 3.4))
+    bars = ax.bar(range(len(labels)), values, color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    for bar, v in zip(bars, values):
+        ax.annotate(fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                    va="bottom", fontsize=8)
+    fig.tight_layout()
+    if save_to:
+        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save_to, dpi=110)
+    return fig
