@@ -1,0 +1,451 @@
+"""One base model as policy, value function, reference and reward model (notebooks 03-05).
+
+| role      | what it is on the one peft model                                          |
+|-----------|---------------------------------------------------------------------------|
+| policy    | a trainable LoRA adapter ("default"; more can be added by name)           |
+| value     | a float32 `ValueHead` per policy adapter, on the policy's last hidden state |
+| reference | the same base with every adapter disabled (`model.reference()`)          |
+| reward    | the frozen stage-2 LoRA adapter plus its score head (`compute_reward_score`) |
+
+Usage (the seed's Quickstart, with `marl_utils` in place of `trl` and local folders for hub ids):
+
+```python
+from peft import LoraConfig
+from marl_utils.modeling import AutoModelForCausalLMWithValueHead
+
+lora_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM")
+model = AutoModelForCausalLMWithValueHead.from_pretrained(
+    "out/tiny/sft",                            # the stage-1 model (or a hub id)
+    peft_config=lora_config,                   # the PPO adapter
+    reward_adapter="out/tiny/reward_adapter",  # the stage-2 adapter (or a hub id)
+    load_in_8bit=True,                         # optional; or load_in_4bit=True
+)
+inputs = tokenizer(texts, return_tensors="pt", padding=True)
+rewards = model.compute_reward_score(**inputs)                            # [B]: one score per text
+lm_logits, loss, values = model(**inputs)                                 # values: [B, T]
+model.add_policy_adapter("policy_1", lora_config)
+rewards = model.compute_reward_score(**inputs, ppo_adapter_name="policy_1")  # then policy_1 is active
+with torch.no_grad(), model.reference():                                  # adapters off
+    ref_logits = model.pretrained_model(**inputs).logits
+model.save_pretrained("out/tiny/ppo")  # policy adapters + value heads; reload with from_pretrained
+```
+
+Where the historic TRL class was a trap, this one differs on purpose: the reward is read at the last
+NON-PAD token of each row (not at index -1), the adapter, `requires_grad` flags and train/eval mode are
+restored after scoring even when the forward raises, `ppo_adapter_name` is honoured, and 4-bit bases stay
+trainable on CPUs with avx512_bf16 (see `quantization.py`). `from_pretrained` returns the model in eval
+mode (like transformers); call `model.train()` before a training step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .atomic import atomic_dir
+from .errors import MarlInputError
+from .quantization import disable_cpu_inference_packing, quantization_config_from_flags
+from .reward_adapter import check_fits_base, inspect_reward_adapter, load_score_head
+from .value_head import ValueHead, hidden_and_vocab_size
+
+__all__ = ["AutoModelForCausalLMWithValueHead", "ValueHead", "position_ids_from_mask", "last_token_index"]
+
+MODEL_FILE = "marl_model.json"
+VALUE_HEADS_FILE = "value_heads.safetensors"
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: [0,0,1,1] -> [0,0,0,1]; a padded row then matches itself unpadded."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the last attended token of each row, for left and right padding alike."""
+    width = attention_mask.shape[-1]
+    return width - 1 - attention_mask.long().flip(-1).argmax(-1)
+
+
+def _lora_config_for_causal_lm(peft_config, what: str):
+    """Reject non-LoRA configs; a config without a task type becomes a causal-LM one (a copy)."""
+    if getattr(peft_config, "peft_type", None) is None or str(getattr(peft_config.peft_type, "value",
+                                                                      peft_config.peft_type)) != "LORA":
+        raise MarlInputError(f"{what} must be a peft LoraConfig (got {type(peft_config).__name__}); the policy and "
+                             "the reward model are LoRA adapters on one base")
+    task = getattr(peft_config.task_type, "value", peft_config.task_type)
+    if task not in (None, "CAUSAL_LM"):
+        raise MarlInputError(f"{what} has task_type={task!r}; a policy adapter needs task_type='CAUSAL_LM'")
+    if task is None:
+        peft_config = copy.deepcopy(peft_config)
+        peft_config.task_type = "CAUSAL_LM"
+    return peft_config
+
+
+def _check_adapter_name(name, taken) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise MarlInputError(f"adapter name {name!r} is not valid: use a non-empty name without dots, e.g. 'policy_1'")
+    if name in taken:
+        raise MarlInputError(f"an adapter named {name!r} already exists on this model ({sorted(taken)}); pick another name")
+
+
+class AutoModelForCausalLMWithValueHead(nn.Module):
+    """A causal LM wrapped in peft: LoRA policy adapter(s) with value heads, reference and reward adapter."""
+
+    def __init__(self, pretrained_model, policy_adapter_names, *, reward_adapter_name=None, reward_head=None,
+                 value_head_dropout: float = 0.0, is_trainable: bool = True, active_adapter=None):
+        super().__init__()
+        self.pretrained_model = pretrained_model  # peft.PeftModel over the causal LM
+        self.policy_adapter_names = list(policy_adapter_names)
+        self.reward_adapter_name = reward_adapter_name
+        self.reward_head = reward_head  # frozen float32 Linear(hidden, 1), or None
+        self.value_head_dropout = value_head_dropout
+        self.is_trainable = is_trainable
+        hidden, _ = hidden_and_vocab_size(self.config)
+        device = self._head_device()
+        self.v_heads = nn.ModuleDict({name: ValueHead(hidden, value_head_dropout).to(device)
+                                      for name in self.policy_adapter_names})
+        self._active_policy = active_adapter or self.policy_adapter_names[0]
+        self.set_policy_adapter(self._active_policy)
+
+    @property
+    def config(self):
+        """The base model's config."""
+        return self.pretrained_model.get_base_model().config
+
+    @property
+    def v_head(self) -> ValueHead:
+        """The value head of the active policy adapter."""
+        return self.v_heads[self._active_policy]
+
+    @property
+    def active_adapter(self) -> str:
+        """The active policy adapter (also while the reward adapter is briefly switched on for scoring)."""
+        return self._active_policy
+
+    @property
+    def device(self) -> torch.device:
+        return self._head_device()
+
+    def _head_device(self) -> torch.device:
+        # Heads read the last hidden state, which lives where the output layer lives (also with device_map).
+        output = self.pretrained_model.get_base_model().get_output_embeddings()
+        return next((output if output is not None else self.pretrained_model).parameters()).device
+
+    # ---------------------------------------------------------------- policy forward / generation
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        """(lm_logits [B,T,V] float32, loss or None, values [B,T] float32) with the active policy adapter."""
+        if position_ids is None and attention_mask is not None:
+            position_ids = position_ids_from_mask(attention_mask)
+        kwargs.pop("return_dict", None)
+        kwargs.pop("output_hidden_states", None)
+        kwargs.setdefault("use_cache", False)  # a training forward needs no KV cache
+        out = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    output_hidden_states=True, return_dict=True, **kwargs)
+        values = self.v_head(out.hidden_states[-1])  # last hidden state (after the final norm)
+        return out.logits.float(), out.loss, values
+
+    def generate(self, *args, **kwargs):
+        """`generate` of the peft model: samples with the active policy adapter."""
+        return self.pretrained_model.generate(*args, **kwargs)
+
+    # ---------------------------------------------------------------- reference policy
+    @contextlib.contextmanager
+    def reference(self):
+        """All adapters disabled: the peft model is the plain base (the reference policy). Use with no_grad."""
+        with self.pretrained_model.disable_adapter():
+            yield self.pretrained_model
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """[B,T,V] float32 logits of the reference policy, in eval mode (no dropout), no gradients."""
+        if position_ids is None and attention_mask is not None:
+            position_ids = position_ids_from_mask(attention_mask)
+        with self._preserved_state(), self.reference():
+            self.eval()
+            out = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids, use_cache=False)
+        return out.logits.float()
+
+    # ---------------------------------------------------------------- reward model
+    @torch.no_grad()
+    def compute_reward_score(self, input_ids, attention_mask=None, ppo_adapter_name=None, per_token=False, **kwargs):
+        """[B] float32 reward of each row, read at its last non-pad token (left or right padding).
+
+        Runs the reward adapter and its score head in eval mode without gradients. Afterwards the policy
+        adapter `ppo_adapter_name` (default: the one active before) is active, and every `requires_grad` flag
+        and train/eval mode is as before, also if the forward raises. `per_token=True` returns the [B,T]
+        scores of every position instead (position t scores the prefix up to t; pad positions are junk).
+        """
+        if self.reward_adapter_name is None:
+            raise MarlInputError("this model has no reward adapter: pass reward_adapter=<stage-2 folder or hub id> to "
+                                 "AutoModelForCausalLMWithValueHead.from_pretrained")
+        policy_after = self._check_policy_name(ppo_adapter_name) if ppo_adapter_name is not None else self._active_policy
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise MarlInputError(f"rows {empty} of attention_mask are all zeros: there is no token to score")
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        with self._preserved_state():
+            self.eval()
+            self.pretrained_model.set_adapter(self.reward_adapter_name, inference_mode=True)
+            hidden = self._last_hidden_state(input_ids, attention_mask, position_ids, **kwargs)  # [B,T,H]
+            scores = self.reward_head(hidden.to(self.reward_head.weight.dtype)).squeeze(-1)  # [B,T]
+        if policy_after != self._active_policy:
+            self.set_policy_adapter(policy_after)
+        if per_token:
+            return scores
+        return scores.gather(-1, last_token_index(attention_mask).unsqueeze(-1)).squeeze(-1)
+
+    def _last_hidden_state(self, input_ids, attention_mask, position_ids, **kwargs) -> torch.Tensor:
+        # The body alone, as AutoModelForSequenceClassification runs it: no [B,T,V] logits to compute.
+        causal_lm = self.pretrained_model.get_base_model()
+        body = causal_lm.base_model
+        kwargs.setdefault("use_cache", False)
+        if body is causal_lm:
+            out = causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            output_hidden_states=True, return_dict=True, **kwargs)
+            return out.hidden_states[-1]
+        return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    return_dict=True, **kwargs).last_hidden_state
+
+    @contextlib.contextmanager
+    def _preserved_state(self):
+        """Restore the active peft adapter, every requires_grad flag and every module's mode on exit.
+
+        peft's `set_adapter` makes the adapter it activates trainable and freezes the others; without this,
+        one reward call would leave the reward adapter trainable and the policy frozen.
+        """
+        grads = [(p, p.requires_grad) for p in self.parameters()]
+        modes = [(m, m.training) for m in self.modules()]
+        try:
+            yield
+        finally:
+            if self.pretrained_model.active_adapter != self._active_policy:
+                self.pretrained_model.set_adapter(self._active_policy)
+            for param, flag in grads:
+                param.requires_grad_(flag)
+            for module, mode in modes:
+                module.training = mode
+
+    # ---------------------------------------------------------------- several policies
+    def _check_policy_name(self, name) -> str:
+        if name not in self.policy_adapter_names:
+            extra = " (that is the frozen reward adapter)" if name == self.reward_adapter_name else ""
+            raise MarlInputError(f"no policy adapter named {name!r}{extra}; policy adapters: {self.policy_adapter_names}. "
+                                 "Add one with model.add_policy_adapter(name, lora_config)")
+        return name
+
+    def add_policy_adapter(self, name: str, lora_config) -> None:
+        """A further policy adapter (with its own value head) on the same base; not active until selected."""
+        _check_adapter_name(name, set(self.pretrained_model.peft_config))
+        lora_config = _lora_config_for_causal_lm(lora_config, "lora_config")
+        self.pretrained_model.add_adapter(name, lora_config)
+        self.policy_adapter_names.append(name)
+        hidden, _ = hidden_and_vocab_size(self.config)
+        self.v_heads[name] = ValueHead(hidden, self.value_head_dropout).to(self._head_device())
+        self.set_policy_adapter(self._active_policy)  # the new one stays frozen until it is selected
+
+    def set_policy_adapter(self, name: str) -> None:
+        """Make `name` the active policy: only its LoRA weights and value head are trainable afterwards."""
+        self._check_policy_name(name)
+        self.pretrained_model.set_adapter(name, inference_mode=not self.is_trainable)
+        self._active_policy = name
+        for head_name, head in self.v_heads.items():
+            head.requires_grad_(self.is_trainable and head_name == name)
+        if self.reward_head is not None:
+            self.reward_head.requires_grad_(False)
+
+    def policy_parameters(self, adapter_name=None) -> list:
+        """The LoRA parameters of one policy adapter (default: the active one)."""
+        name = self._check_policy_name(adapter_name if adapter_name is not None else self._active_policy)
+        params, seen = [], set()
+        for module in self.pretrained_model.modules():
+            containers = [getattr(module, attr, None) for attr in getattr(module, "adapter_layer_names", ())]
+            saved = getattr(module, "modules_to_save", None)  # peft's ModulesToSaveWrapper
+            if isinstance(saved, nn.ModuleDict):
+                containers.append(saved)
+            for container in containers:
+                if container is None or name not in container:
+                    continue
+                item = container[name]
+                for param in item.parameters() if isinstance(item, nn.Module) else [item]:
+                    if id(param) not in seen:
+                        seen.add(id(param))
+                        params.append(param)
+        return params
+
+    def trainable_parameters(self) -> list:
+        """What PPO optimises: the active policy's LoRA parameters and its value head."""
+        return self.policy_parameters() + list(self.v_head.parameters())
+
+    # ---------------------------------------------------------------- saving / loading
+    def save_pretrained(self, save_directory) -> None:
+        """Policy adapters in peft format, value heads in safetensors, and a small json (atomic)."""
+        from safetensors.torch import save_file
+
+        base_name = self.pretrained_model.get_base_model().name_or_path
+        if base_name and os.path.isdir(base_name):
+            base_name = str(Path(base_name).resolve())
+        info = {
+            "format": "marl_utils.AutoModelForCausalLMWithValueHead", "version": 1,
+            "base_model_name_or_path": base_name, "policy_adapter_names": self.policy_adapter_names,
+            "active_adapter": self._active_policy, "reward_adapter_name": self.reward_adapter_name,
+            "value_head_dropout": self.value_head_dropout,
+        }
+        heads = {key: value.detach().cpu().contiguous() for key, value in self.v_heads.state_dict().items()}
+        with atomic_dir(save_directory) as tmp:
+            self.pretrained_model.save_pretrained(str(tmp), selected_adapters=self.policy_adapter_names)
+            save_file(heads, str(tmp / VALUE_HEADS_FILE))
+            (tmp / MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, peft_config=None, reward_adapter=None,
+                        reward_adapter_name: str = "reward_adapter", policy_adapter_name: str = "default",
+                        load_in_8bit: bool = False, load_in_4bit: bool = False, quantization_config=None,
+                        value_head_dropout: float = 0.0, is_trainable: bool = True, **kwargs):
+        """Load the base (hub id, folder, model object, or a folder from `save_pretrained`) and its adapters.
+
+        All input checks, including the reward adapter's files against the base's config, run before any
+        weights load. `**kwargs` go to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, revision...).
+        """
+        from peft import PeftModel, get_peft_model
+        from transformers import PreTrainedModel
+
+        source = pretrained_model_name_or_path
+        if not 0.0 <= value_head_dropout < 1.0:
+            raise MarlInputError(f"value_head_dropout={value_head_dropout} must be in [0, 1)")
+        bnb_config = quantization_config_from_flags(load_in_8bit, load_in_4bit, quantization_config)
+        saved = None
+        if isinstance(source, (PreTrainedModel, PeftModel)):
+            if bnb_config is not None:
+                raise MarlInputError("load_in_8bit/load_in_4bit/quantization_config need a path or hub id: a model "
+                                     "object is already loaded; load it quantized, or pass its folder")
+            base_name = source.name_or_path if isinstance(source, PreTrainedModel) else \
+                source.get_base_model().name_or_path
+            base_config = source.config if isinstance(source, PreTrainedModel) else source.get_base_model().config
+        else:
+            saved = _read_saved_model(source)
+            base_name = saved["base_model_name_or_path"] if saved else str(source)
+            base_config = _load_base_config(base_name, kwargs)
+        policy_names = saved["policy_adapter_names"] if saved else (
+            list(source.peft_config) if isinstance(source, PeftModel) else [policy_adapter_name])
+        if saved is None and not isinstance(source, PeftModel):
+            if peft_config is None:
+                raise MarlInputError("peft_config is required: the PPO policy is a LoRA adapter on the base"
+                                     + (" and reward_adapter is given" if reward_adapter is not None else "")
+                                     + "; pass peft_config=LoraConfig(r=16, lora_alpha=32, task_type='CAUSAL_LM')")
+            peft_config = _lora_config_for_causal_lm(peft_config, "peft_config")
+        elif peft_config is not None:
+            warnings.warn("peft_config is ignored: the policy adapters come from "
+                          f"{'the saved folder' if saved else 'the PeftModel'}; use add_policy_adapter for another")
+        if reward_adapter is not None:
+            _check_adapter_name(reward_adapter_name, set(policy_names))
+            hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+            files = inspect_reward_adapter(reward_adapter, base_config, base_name, hub_kwargs)
+        for name in policy_names:
+            _check_adapter_name(name, set())
+
+        # -- weights load from here on
+        if isinstance(source, (PreTrainedModel, PeftModel)):
+            base = source
+        else:
+            base = _load_base(base_name, bnb_config, kwargs)
+        disable_cpu_inference_packing(base)
+        causal_lm = base.get_base_model() if isinstance(base, PeftModel) else base
+        if reward_adapter is not None:
+            check_fits_base(files, causal_lm)
+
+        if isinstance(base, PeftModel):
+            peft_model = base
+        elif saved:
+            folder = Path(source)
+            first, *others = policy_names
+            peft_model = PeftModel.from_pretrained(base, str(_adapter_folder(folder, first)), adapter_name=first,
+                                                   is_trainable=is_trainable)
+            for name in others:
+                peft_model.load_adapter(str(_adapter_folder(folder, name)), adapter_name=name,
+                                        is_trainable=is_trainable)
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")  # GPT-2's Conv1D: peft fixes it
+                peft_model = get_peft_model(base, peft_config, adapter_name=policy_adapter_name)
+
+        reward_head = None
+        if reward_adapter is not None:
+            reward_head = _load_reward_adapter(peft_model, files, reward_adapter_name)
+
+        model = cls(peft_model, policy_names, reward_adapter_name=reward_adapter_name if reward_adapter else None,
+                    reward_head=reward_head, value_head_dropout=value_head_dropout, is_trainable=is_trainable,
+                    active_adapter=saved["active_adapter"] if saved else None)
+        if saved:
+            from safetensors.torch import load_file
+
+            heads = load_file(str(Path(source) / VALUE_HEADS_FILE), device=str(model.device))
+            model.v_heads.load_state_dict(heads, strict=True)
+        return model.eval()
+
+
+def _read_saved_model(source):
+    """The json written by `save_pretrained`, or None for a base model; an adapter folder is refused."""
+    folder = Path(source).expanduser()
+    if (folder / MODEL_FILE).exists():
+        info = json.loads((folder / MODEL_FILE).read_text())
+        if not (folder / VALUE_HEADS_FILE).exists():
+            raise MarlInputError(f"{folder} has {MODEL_FILE} but no {VALUE_HEADS_FILE}; the save was incomplete")
+        return info
+    if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
+        raise MarlInputError(f"{folder} is a peft adapter, not a model: pass the base model it was trained on as the "
+                             "first argument (and a stage-2 adapter as reward_adapter=)")
+    return None
+
+
+def _load_base_config(name, kwargs):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
+    except (OSError, ValueError) as err:
+        where = "folder does not exist" if not os.path.exists(str(name)) else "folder has no usable config.json"
+        raise MarlInputError(f"base model {name!r}: the {where} (and it is not a reachable hub id); pass the stage-1 "
+                             "model folder (`OUT/sft/`) or a hub id like 'gpt2'") from err
+
+
+def _load_base(name, bnb_config, kwargs):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(kwargs)
+    if bnb_config is not None:
+        kwargs["quantization_config"] = bnb_config
+        if torch.cuda.is_available() and "device_map" not in kwargs:
+            # bitsandbytes quantizes on the device the weights load to: one GPU per process.
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+    return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+
+
+def _adapter_folder(folder: Path, name: str) -> Path:
+    return folder if name == "default" else folder / name  # peft's save layout
+
+
+def _load_reward_adapter(peft_model, files, name) -> nn.Linear:
+    """The reward LoRA into the policy's peft model (frozen), and the score head peft leaves behind."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        result = peft_model.load_adapter(str(files.folder), adapter_name=name, is_trainable=False)
+    head_keys = set(files.head_keys.values())
+    left_out = [key for key in result.unexpected_keys if key not in head_keys]
+    missing = [key for key in result.missing_keys if name in key]
+    if left_out or missing:
+        raise MarlInputError(f"the reward adapter {files.source} did not load cleanly into this base (not loaded: "
+                             f"{(left_out or missing)[:3]}); stage 2 and PPO must use the same base model")
+    device = next(peft_model.get_base_model().get_output_embeddings().parameters()).device
+    return load_score_head(files, device)

@@ -1,0 +1,34 @@
+"""The value head: V(s_t) for every token position, read off the policy's last hidden state (notebook 03).
+
+PPO's critic shares the policy's body, so the value function costs one `Linear(hidden, 1)` per policy
+adapter. It is kept in float32 whatever the base's dtype (a quantized or half-precision base would
+otherwise make the value regression noisy).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def hidden_and_vocab_size(config) -> tuple[int, int]:
+    """(hidden size, vocabulary size) of a causal LM config: Llama says `hidden_size`, GPT-2 `n_embd`."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = next((getattr(text_config, name) for name in ("hidden_size", "n_embd", "d_model")
+                   if getattr(text_config, name, None) is not None), None)
+    if hidden is None:
+        raise ValueError(f"cannot find the hidden size in the config of {type(config).__name__}")
+    return int(hidden), int(text_config.vocab_size)
+
+
+class ValueHead(nn.Module):
+    """Dropout(p) then Linear(hidden, 1) in float32: hidden states [B, T, H] -> values [B, T]."""
+
+    def __init__(self, hidden_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden_size, 1, dtype=torch.float32)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states.to(self.linear.weight.dtype)
+        return self.linear(self.dropout(hidden_states)).squeeze(-1)
