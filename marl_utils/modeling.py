@@ -51,15 +51,14 @@ from torch import nn
 
 from .atomic import atomic_dir
 from .errors import MarlInputError
-from .quantization import disable_cpu_inference_packing, quantization_config_from_flags
-from .reward_adapter import check_fits_base, inspect_reward_adapter, load_score_head
+from .quantization import disable_cpu_inference_packing, load_base, load_base_config, quantization_config_from_flags
+from .reward_adapter import check_fits_base, inspect_reward_adapter, load_reward_adapter
 from .value_head import ValueHead, hidden_and_vocab_size
 
 __all__ = ["AutoModelForCausalLMWithValueHead", "ValueHead", "position_ids_from_mask", "last_token_index"]
 
 MODEL_FILE = "marl_model.json"
 VALUE_HEADS_FILE = "value_heads.safetensors"
-HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -231,7 +230,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             yield
         finally:
             if self.pretrained_model.active_adapter != self._active_policy:
-                self.pretrained_model.set_adapter(self._active_policy)
+                self.pretrained_model.set_adapter(self._active_policy, inference_mode=not self.is_trainable)
             for param, flag in grads:
                 param.requires_grad_(flag)
             for module, mode in modes:
@@ -285,7 +284,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         return params
 
     def trainable_parameters(self) -> list:
-        """What PPO optimises: the active policy's LoRA parameters and its value head."""
+        """What PPO optimises: the active policy's LoRA parameters and its value head (frozen if is_trainable=False)."""
         return self.policy_parameters() + list(self.v_head.parameters())
 
     # ---------------------------------------------------------------- saving / loading
@@ -336,7 +335,13 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         else:
             saved = _read_saved_model(source)
             base_name = saved["base_model_name_or_path"] if saved else str(source)
-            base_config = _load_base_config(base_name, kwargs)
+            try:
+                base_config = load_base_config(base_name, kwargs)
+            except MarlInputError as err:
+                if not saved:
+                    raise
+                raise MarlInputError(f"{err}. This base is recorded in {Path(source) / MODEL_FILE}: edit "
+                                     "base_model_name_or_path there if the base model moved") from err
         policy_names = saved["policy_adapter_names"] if saved else (
             list(source.peft_config) if isinstance(source, PeftModel) else [policy_adapter_name])
         if saved is None and not isinstance(source, PeftModel):
@@ -359,7 +364,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         if isinstance(source, (PreTrainedModel, PeftModel)):
             base = source
         else:
-            base = _load_base(base_name, bnb_config, kwargs)
+            base = load_base(base_name, bnb_config, kwargs)
         disable_cpu_inference_packing(base)
         causal_lm = base.get_base_model() if isinstance(base, PeftModel) else base
         if reward_adapter is not None:
@@ -382,7 +387,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
 
         reward_head = None
         if reward_adapter is not None:
-            reward_head = _load_reward_adapter(peft_model, files, reward_adapter_name)
+            reward_head = load_reward_adapter(peft_model, files, reward_adapter_name)
 
         model = cls(peft_model, policy_names, reward_adapter_name=reward_adapter_name if reward_adapter else None,
                     reward_head=reward_head, value_head_dropout=value_head_dropout, is_trainable=is_trainable,
@@ -409,43 +414,5 @@ def _read_saved_model(source):
     return None
 
 
-def _load_base_config(name, kwargs):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(name, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
-    except (OSError, ValueError) as err:
-        where = "folder does not exist" if not os.path.exists(str(name)) else "folder has no usable config.json"
-        raise MarlInputError(f"base model {name!r}: the {where} (and it is not a reachable hub id); pass the stage-1 "
-                             "model folder (`OUT/sft/`) or a hub id like 'gpt2'") from err
-
-
-def _load_base(name, bnb_config, kwargs):
-    from transformers import AutoModelForCausalLM
-
-    kwargs = dict(kwargs)
-    if bnb_config is not None:
-        kwargs["quantization_config"] = bnb_config
-        if torch.cuda.is_available() and "device_map" not in kwargs:
-            # bitsandbytes quantizes on the device the weights load to: one GPU per process.
-            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
-    return AutoModelForCausalLM.from_pretrained(name, **kwargs)
-
-
 def _adapter_folder(folder: Path, name: str) -> Path:
     return folder if name == "default" else folder / name  # peft's save layout
-
-
-def _load_reward_adapter(peft_model, files, name) -> nn.Linear:
-    """The reward LoRA into the policy's peft model (frozen), and the score head peft leaves behind."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-        result = peft_model.load_adapter(str(files.folder), adapter_name=name, is_trainable=False)
-    head_keys = set(files.head_keys.values())
-    left_out = [key for key in result.unexpected_keys if key not in head_keys]
-    missing = [key for key in result.missing_keys if name in key]
-    if left_out or missing:
-        raise MarlInputError(f"the reward adapter {files.source} did not load cleanly into this base (not loaded: "
-                             f"{(left_out or missing)[:3]}); stage 2 and PPO must use the same base model")
-    device = next(peft_model.get_base_model().get_output_embeddings().parameters()).device
-    return load_score_head(files, device)

@@ -1,4 +1,4 @@
-"""The base model in 8-bit or 4-bit (bitsandbytes), and the 4-bit CPU trap (notebook 04).
+"""Loading the base model: full precision, 8-bit or 4-bit (bitsandbytes), and the 4-bit CPU trap (notebook 04).
 
 transformers 5 dropped `from_pretrained(load_in_8bit=True)`; the seed's flags are translated here into a
 `BitsAndBytesConfig`. Only the base is quantized: LoRA adapters, the value head and the score head stay
@@ -14,12 +14,16 @@ off, which keeps the weights in the layout the training kernels expect. The infe
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
+
+import torch
 
 from .errors import MarlInputError
 
 PIP_HINT = "`pip install bitsandbytes`"
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")
 
 
 def require_bitsandbytes(why: str):
@@ -99,3 +103,28 @@ def disable_cpu_inference_packing(model) -> int:
                       "no-grad forward in eval mode before); they were unpacked for training, with block scales "
                       "rounded to bfloat16. Load the base from its folder for exact 4-bit weights.", stacklevel=3)
     return count
+
+
+def load_base_config(name, kwargs: dict):
+    """The base's config alone (cheap): enough to check a reward adapter before any weights load."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
+    except (OSError, ValueError) as err:
+        where = "folder does not exist" if not os.path.exists(str(name)) else "folder has no usable config.json"
+        raise MarlInputError(f"base model {name!r}: the {where} (and it is not a reachable hub id); pass the stage-1 "
+                             "model folder (`OUT/sft/`) or a hub id like 'gpt2'") from err
+
+
+def load_base(name, bnb_config, kwargs: dict):
+    """`AutoModelForCausalLM.from_pretrained`, quantized when `bnb_config` is given."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(kwargs)
+    if bnb_config is not None:
+        kwargs["quantization_config"] = bnb_config
+        if torch.cuda.is_available() and "device_map" not in kwargs:
+            # bitsandbytes quantizes on the device the weights load to: one GPU per process.
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+    return AutoModelForCausalLM.from_pretrained(name, **kwargs)

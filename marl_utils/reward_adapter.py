@@ -180,7 +180,7 @@ def same_name(a: str, b: str) -> bool:
 def warn_if_other_base(adapter_base, base_name_or_path, source) -> None:
     if adapter_base and base_name_or_path and not same_name(str(adapter_base), str(base_name_or_path)):
         warnings.warn(f"the reward adapter {source} records base_model_name_or_path={adapter_base!r}, but the policy "
-                      f"base is {str(base_name_or_path)!r}. Its shapes fit, so it loads; its scores are only meaningful "
+                      f"base is {str(base_name_or_path)!r}. If its shapes fit it loads, but its scores are only meaningful "
                       "if both are the same model (stage 2 and PPO must share the base).", UserWarning, stacklevel=3)
 
 
@@ -258,3 +258,18 @@ def load_score_head(files: RewardAdapterFiles, device=None) -> nn.Linear:
         if bias is not None:
             head.bias.copy_(bias.float())
     return head.requires_grad_(False)
+
+
+def load_reward_adapter(peft_model, files, name) -> nn.Linear:
+    """The reward LoRA into the policy's peft model (frozen), and the score head peft leaves behind."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        result = peft_model.load_adapter(str(files.folder), adapter_name=name, is_trainable=False)
+    head_keys = set(files.head_keys.values())
+    left_out = [key for key in result.unexpected_keys if key not in head_keys]
+    missing = [key for key in result.missing_keys if name in key]
+    if left_out or missing:
+        raise MarlInputError(f"the reward adapter {files.source} did not load cleanly into this base (not loaded: "
+                             f"{(left_out or missing)[:3]}); stage 2 and PPO must use the same base model")
+    device = next(peft_model.get_base_model().get_output_embeddings().parameters()).device
+    return load_score_head(files, device)

@@ -142,6 +142,7 @@ def test_scoring_restores_adapter_grads_and_mode(s, tokenizer, train):
     model = load(s)
     model.train(train)
     model.pretrained_model.get_base_model().lm_head.eval()  # a mixed mode must survive too
+    model.policy_parameters()[0].requires_grad_(False)  # so must a user's own choice of what trains
     before = snapshot(model)
     model.compute_reward_score(**batch(tokenizer, TEXTS[:2]))
     model.reference_logits(**batch(tokenizer, TEXTS[:2]))
@@ -217,6 +218,10 @@ def test_forward_is_left_padding_safe_and_passes_labels(s, tokenizer):
     alone_logits, _, alone_values = model(input_ids=inputs["input_ids"][short:short + 1, -n:])
     torch.testing.assert_close(logits[short, -n:], alone_logits[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(values[short, -n:], alone_values[0], atol=1e-5, rtol=0)
+    with torch.no_grad():  # values come from the body's final (normed) hidden state, the one the LM head reads
+        hidden = model.pretrained_model.get_base_model().base_model(
+            **inputs, position_ids=(inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+    torch.testing.assert_close(values, model.v_head.linear(hidden).squeeze(-1))
     _, loss, _ = model(**batch(tokenizer, TEXTS[:2]), labels=batch(tokenizer, TEXTS[:2])["input_ids"])
     assert loss is not None and loss.ndim == 0
 
@@ -260,6 +265,18 @@ def test_several_policies(s, tokenizer):
     with pytest.raises(MarlInputError, match="already exists"):
         model.add_policy_adapter("policy_1", lora(s.kind))
     assert model.active_adapter == "policy_1"  # the failed calls changed nothing
+
+
+def test_value_head_dropout(s, tokenizer):
+    model = load(s, value_head_dropout=0.5)
+    model.add_policy_adapter("policy_1", lora(s.kind))
+    assert model.v_heads["default"].dropout.p == model.v_heads["policy_1"].dropout.p == 0.5
+    inputs = batch(tokenizer, TEXTS[:2])
+    assert torch.equal(model(**inputs)[2], model(**inputs)[2])  # eval mode: no dropout
+    model.train()
+    assert not torch.equal(model(**inputs)[2], model(**inputs)[2])
+    with pytest.raises(MarlInputError, match=r"value_head_dropout=1.5 must be in \[0, 1\)"):
+        load(s, value_head_dropout=1.5)
 
 
 def test_default_target_modules_from_peft(s):
@@ -306,7 +323,15 @@ def test_save_and_load_round_trip(s, tokenizer, tmp_path):
     assert torch.equal(model.compute_reward_score(**inputs), loaded.compute_reward_score(**inputs))
     assert trainable_names(loaded) == trainable_names(model)
 
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "ppo", moved)
+    (moved / "marl_model.json").write_text(json.dumps({**info, "base_model_name_or_path": str(tmp_path / "gone")}))
+    with pytest.raises(MarlInputError, match="folder does not exist.*edit base_model_name_or_path there"):
+        Model.from_pretrained(moved)
+
     frozen = Model.from_pretrained(tmp_path / "ppo", reward_adapter=s.adapter, is_trainable=False)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    frozen.compute_reward_score(**inputs)
     assert not any(p.requires_grad for p in frozen.parameters())
     loaded.set_policy_adapter("default")
     assert torch.equal(frozen(**inputs)[2], loaded(**inputs)[2])
