@@ -88,7 +88,7 @@ PROFILES: dict[str, Profile] = {
         base_model=TINY_BASE,
         dataset="offline",
         description="offline, CPU, minutes: tiny Llama-style base + shipped synthetic IMDB corpus",
-        tiny_model=dict(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+        tiny_model=dict(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=3,
                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256),
     ),
     "gpt2-imdb": Profile(

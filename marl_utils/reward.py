@@ -257,6 +257,9 @@ def train_reward_adapter(profile: Profile, output_dir=None, dataset=None, *, sft
                                                   max_length=max_len),
         "eval_prefix_tokens": prefix,
         **untrained,
+        # A fingerprint of the trained model: anyone loading the saved folder must get these scores back.
+        "check_texts": [c for c, _ in eval_pairs[:4]],
+        "check_scores": score_texts(model, tokenizer, [c for c, _ in eval_pairs[:4]], max_length=max_len).tolist(),
         "train_pairs": len(train_ds),
         "eval_pairs": len(eval_pairs),
         "log_history": log_history,
