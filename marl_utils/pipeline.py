@@ -1,0 +1,185 @@
+"""Stage 3 as a command, and the whole pipeline (`marl ppo`, `marl run`).
+
+`train_ppo` is what notebook 03 does cell by cell, in one call: load the stage-1 model with a new
+policy adapter and the stage-2 reward adapter into ONE `AutoModelForCausalLMWithValueHead`, then run
+the PPO loop on review prompts and save the policy to `OUT/ppo/`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_dir, atomic_write_json
+from .profiles import Profile
+from .runs import prepare_run_dir, read_metrics, stage_dir
+
+
+@dataclass
+class PPOResult:
+    """What stage 3 produced: the saved policy, eval before/after, per-step history, samples."""
+
+    model_dir: Path
+    metrics: dict
+    history: list = field(default_factory=list)
+
+
+def policy_lora_config(profile: Profile):
+    from peft import LoraConfig
+
+    return LoraConfig(r=profile.ppo_lora_r, lora_alpha=profile.ppo_lora_alpha, lora_dropout=0.0, bias="none",
+                      task_type="CAUSAL_LM",
+                      target_modules=list(profile.lora_target_modules) if profile.lora_target_modules else None)
+
+
+def ppo_config(profile: Profile, seed: int = 0, steps: int | None = None):
+    """The profile's PPO sizes as a `PPOConfig`."""
+    from .ppo_config import PPOConfig
+
+    return PPOConfig(
+        seed=seed,
+        steps=steps or profile.ppo_steps,
+        learning_rate=profile.ppo_learning_rate,
+        batch_size=profile.ppo_batch_size,
+        mini_batch_size=profile.ppo_mini_batch_size,
+        ppo_epochs=profile.ppo_epochs,
+        init_kl_coef=profile.ppo_init_kl_coef,
+        max_new_tokens=profile.ppo_max_new_tokens,
+    )
+
+
+def ensure_earlier_stages(profile: Profile, out: Path, dataset=None, seed: int = 0, progress: bool = True):
+    """Return (sft_dir, reward_dir), training whichever is missing."""
+    from .reward import train_reward_adapter
+    from .sft import train_sft
+
+    sft = train_sft(profile, out, dataset, seed=seed, progress=progress)
+    reward = train_reward_adapter(profile, out, dataset, seed=seed, progress=progress)
+    return sft, reward
+
+
+def build_ppo_parts(profile: Profile, out: Path, dataset=None, seed: int = 0, quantization: str | None = None,
+                    steps: int | None = None):
+    """Model (policy + value head + reward adapter on one base), tokenizer, config and prompts."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .data import load_imdb
+    from .modeling import AutoModelForCausalLMWithValueHead
+    from .prompts import load_prompts
+
+    sft_dir, reward_dir = stage_dir(out, "sft"), stage_dir(out, "reward_adapter")
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    tokenizer.padding_side = "left"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(
+        str(sft_dir), peft_config=policy_lora_config(profile), reward_adapter=str(reward_dir),
+        load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit",
+    )
+    data = load_imdb(dataset or profile.dataset, seed=seed)
+    lo, hi = profile.ppo_prompt_tokens
+    context = getattr(model.config, "max_position_embeddings", None)
+    prompts = load_prompts(data["train"]["text"], tokenizer, min_tokens=lo, max_tokens=hi, seed=seed,
+                           n=max(4 * profile.ppo_batch_size * (steps or profile.ppo_steps), 256),
+                           max_context=context)
+    eval_prompts = load_prompts(data["test"]["text"], tokenizer, min_tokens=lo, max_tokens=hi, seed=seed + 1,
+                                n=profile.ppo_eval_prompts, max_context=context)
+    return model, tokenizer, ppo_config(profile, seed, steps), prompts, eval_prompts
+
+
+def train_ppo(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0, force: bool = False,
+              steps: int | None = None, resume: bool = False, progress: bool = True) -> PPOResult:
+    """Run stage 3 into `OUT/ppo/` (building stages 1-2 first if they are missing)."""
+    from .ppo import PPOTrainer
+
+    out = prepare_run_dir(output_dir, profile)
+    final = stage_dir(out, "ppo")
+    if final.exists() and not force and not resume:
+        print(f"stage 3 (PPO) already done: {final}")
+        metrics = read_metrics(final)
+        return PPOResult(final, metrics, metrics.get("history", []))
+    ensure_earlier_stages(profile, out, dataset, seed, progress)
+
+    start = time.perf_counter()
+    model, tokenizer, config, prompts, eval_prompts = build_ppo_parts(profile, out, dataset, seed, steps=steps)
+    trainer = PPOTrainer(config, model=model, tokenizer=tokenizer)
+    before = trainer.evaluate(eval_prompts)
+    trainer.train(prompts, eval_prompts=eval_prompts, output_dir=stage_dir(out, "ppo_checkpoints"),
+                  resume=resume, progress=progress)
+    after = trainer.evaluate(eval_prompts)
+    metrics = {
+        "profile": profile.name,
+        "seconds": round(time.perf_counter() - start, 2),
+        "steps": trainer.step_count,
+        "max_new_tokens": config.max_new_tokens,
+        "eval_reward_before": before["reward_mean"],
+        "eval_reward_after": after["reward_mean"],
+        "kl_final": after["kl_mean"],
+        "response_tokens_mean": after["response_tokens_mean"],
+        "distinct_2_before": before.get("distinct_2"),
+        "distinct_2_after": after.get("distinct_2"),
+        "samples_before": before.get("samples", [])[:8],
+        "samples_after": after.get("samples", [])[:8],
+        "history": trainer.history,
+    }
+    with atomic_dir(final) as tmp:
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    print(f"stage 3 (PPO) done in {metrics['seconds']:.0f}s: eval reward {metrics['eval_reward_before']:.2f} -> "
+          f"{metrics['eval_reward_after']:.2f}, KL {metrics['kl_final']:.2f} nats, "
+          f"{metrics['response_tokens_mean']:.1f} tokens/response -> {final}")
+    return PPOResult(final, metrics, trainer.history)
+
+
+def run_ppo_stage(profile, output_dir=None, dataset=None, **kwargs):
+    return train_ppo(profile, output_dir, dataset, **kwargs)
+
+
+def save_plots(out: Path, sft_metrics: dict, reward_metrics: dict, ppo_metrics: dict) -> list[Path]:
+    """PNG curves of all three stages into `OUT/plots/`."""
+    from .plotting import plot_curves
+
+    plots = stage_dir(out, "plots")
+    paths = [plots / "sft_loss.png", plots / "reward_loss.png", plots / "ppo.png"]
+    plot_curves(sft_metrics.get("log_history", []), ["loss"], x_key="step", titles=["SFT loss"], save_to=paths[0])
+    plot_curves(reward_metrics.get("log_history", []), ["loss", "accuracy"], x_key="step",
+                titles=["reward pairwise loss", "reward pair accuracy"], save_to=paths[1])
+    plot_curves(ppo_metrics.get("history", []), ["env/score_mean", "objective/kl", "ppo/response_tokens_mean"],
+                titles=["reward (score)", "KL to reference (nats/seq)", "response length (tokens)"],
+                save_to=paths[2], smooth=3)
+    return paths
+
+
+def run_pipeline(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0, force: bool = False,
+                 steps: int | None = None, resume: bool = False, progress: bool = True) -> dict:
+    """`marl run`: SFT -> reward adapter -> PPO, then plots and `OUT/summary.json`."""
+    from .reward import train_reward_adapter
+    from .sft import train_sft
+
+    out = prepare_run_dir(output_dir, profile)
+    if dataset:
+        from .data import load_imdb
+
+        load_imdb(dataset, seed=seed)  # fail on a bad dataset now, not after stage 1
+    sft = train_sft(profile, out, dataset, seed=seed, force=force, progress=progress)
+    reward = train_reward_adapter(profile, out, dataset, seed=seed, force=force, progress=progress)
+    ppo = train_ppo(profile, out, dataset, seed=seed, force=force, steps=steps, resume=resume, progress=progress)
+    save_plots(out, sft.metrics, reward.metrics, ppo.metrics)
+    summary = {
+        "profile": profile.name,
+        "seed": seed,
+        "stages": {
+            "sft": {k: sft.metrics.get(k) for k in ["seconds", "eval_perplexity"]},
+            "reward": {k: reward.metrics.get(k) for k in ["seconds", "eval_accuracy", "untrained_accuracy",
+                                                          "eval_prefix_accuracy", "untrained_prefix_accuracy"]},
+            "ppo": {k: ppo.metrics.get(k) for k in ["seconds", "steps", "max_new_tokens", "eval_reward_before",
+                                                    "eval_reward_after", "kl_final", "response_tokens_mean",
+                                                    "distinct_2_before", "distinct_2_after"]},
+        },
+    }
+    atomic_write_json(out / "summary.json", summary)
+    print(json.dumps(summary, indent=2))
+    return summary
