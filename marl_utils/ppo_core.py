@@ -1,0 +1,202 @@
+"""The maths of one PPO step on token sequences, as small pure tensor functions (notebook 03).
+
+No model in here: every function takes tensors and returns tensors, so notebook 03 can walk through a
+step cell by cell and `tests/test_ppo_core.py` can check each formula against a slow, obvious version.
+
+Shapes: B rows (rollouts), T token positions. `mask` is 1.0 at the positions that count (the response
+tokens of each row) and 0.0 at padding and prompt positions; every mean, variance and statistic below
+is taken over the masked positions only, so padding never leaks into a loss or a logged number.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import MarlInputError
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log pi(label_t | context): logits [B,T,V], labels [B,T] -> [B,T] (float32)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Sum of `values` where `mask` is 1."""
+    return (values * mask).sum() if dim is None else (values * mask).sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of `values` over the masked positions (over everything, or along `dim`)."""
+    # clamp: a row without response tokens has mean 0 instead of NaN
+    return masked_sum(values, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp(min=1e-8)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `values` over the masked positions (Bessel-corrected like `torch.var` by default)."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1).clamp(min=1)  # a single value has variance 0, not NaN
+    return var
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(values - mean) / std over the masked positions; padding positions come out as 0.
+
+    `shift_mean=False` rescales only (keeps the mean), as used for rewards, whose sign carries meaning.
+    """
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position: [B,T,V] -> [B,T]."""
+    logits = logits.float()
+    probs = F.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from tokens sampled by the policy.
+
+    k1 = log pi - log ref: unbiased, can be negative on single tokens.
+    k3 = (r - 1) - log r with r = ref / pi: unbiased too, never negative, lower variance (Schulman 2020).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise MarlInputError(f"unknown KL estimator {estimator!r}; use 'k1' or 'k3'")
+
+
+def last_masked_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the last position where `mask` is 1 in each row (the last response token)."""
+    width = mask.shape[-1]
+    return width - 1 - mask.long().flip(-1).argmax(-1)
+
+
+def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimator: str = "k1"):
+    """Per-token rewards: -beta * KL_t at every response token, plus the score at the last one.
+
+    scores [B]; logprobs, ref_logprobs, mask [B,T]. Returns (rewards [B,T], kl [B,T]), both 0 at padding.
+    The KL term keeps the policy near the reference token by token; the score judges the whole text,
+    so it arrives once, when the text is complete.
+    """
+    kl = kl_penalty(logprobs, ref_logprobs, estimator) * mask
+    rewards = -kl_coef * kl
+    last = last_masked_index(mask)  # [B]
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += scores.to(rewards.dtype) * mask[rows, last]  # a row without response gets nothing
+    return rewards, kl
+
+
+def compute_gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation over each row's response tokens: (advantages, returns), [B,T].
+
+    delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1}, scanned backwards.
+    V_{t+1} and A_{t+1} count only while position t+1 is still a response token, so the episode ends
+    after the last response token (V = 0 there) whatever padding follows. returns = advantages + values,
+    taken before the advantages are whitened: they are the value function's regression targets.
+    """
+    _, width = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(width)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage * mask[:, t]
+        # what position t-1 sees as "next": this position's value and advantage, if it is a response token
+        next_value = values[:, t] * mask[:, t]
+        next_advantage = advantages[:, t]
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange: float = 0.2):
+    """PPO's clipped surrogate, masked mean over tokens: (loss, stats).
+
+    ratio = pi_new / pi_old per token. Of -A * ratio and -A * clip(ratio, 1 - eps, 1 + eps) the larger
+    (more pessimistic) one is minimised, so a token whose ratio already moved past the clip in the
+    advantage's direction stops contributing gradient.
+    """
+    log_ratio = (new_logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "approxkl": masked_mean((ratio - 1) - log_ratio, mask),  # k3 estimate of KL(old || new)
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(new_values, old_values, returns, mask, cliprange_value: float = 0.2):
+    """Clipped value loss: 0.5 * max((V - R)^2, (V_clipped - R)^2), masked mean: (loss, stats).
+
+    V_clipped stays within cliprange_value of the rollout value, so one step cannot move a value far.
+    """
+    clipped_values = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
+    unclipped_error = (new_values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask),
+                 "error": masked_mean(unclipped_error, mask)}
+    return loss, stats
+
+
+def explained_variance(values, returns, mask) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over masked tokens: 1 is perfect, 0 is a constant guess."""
+    var_returns = masked_var(returns, mask)
+    return 1 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)
+
+
+class FixedKLController:
+    """A constant KL coefficient beta."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Beta stays where it is."""
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Beta follows the measured KL towards `target` (Ziegler et al. 2019, "Fine-Tuning LMs from Human Preferences").
+
+    After each batch beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon: KL above target
+    raises the penalty, below lowers it, by at most 20% per `horizon` rollouts.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        super().__init__(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """current_kl: mean KL per sequence of the batch (nats); n_steps: rollouts in the batch."""
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), float(state["horizon"])
