@@ -200,3 +200,53 @@ class AdaptiveKLController(FixedKLController):
 
     def load_state_dict(self, state: dict) -> None:
         self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), float(state["horizon"])
+
+
+def cut_after_eos(response: torch.Tensor, eos_token_id) -> torch.Tensor:
+    """The response up to and including its first EOS; whatever generate() put after it is padding."""
+    if eos_token_id is None:
+        return response
+    ends = (response == eos_token_id).nonzero()
+    return response[: int(ends[0]) + 1] if len(ends) else response
+
+
+def left_pad(sequences, pad_token_id: int):
+    """Stack 1-D token tensors, padded on the left: (ids [B,W], attention_mask [B,W]).
+
+    The mask comes from the lengths, never from `ids != pad`: with pad == eos that would hide real EOS tokens.
+    """
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long, device=sequences[0].device)
+    attention_mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, width - len(seq):] = seq
+            attention_mask[row, width - len(seq):] = 1
+    return ids, attention_mask
+
+
+def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """cumsum - 1 (0 at padding): each row's first real token is position 0, as if it were unpadded."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def build_rollout_batch(queries, responses, pad_token_id: int) -> dict:
+    """query + response per row, left-padded, as the model sees them in every PPO forward pass.
+
+    Returns input_ids, attention_mask, position_ids [B,W] and response_mask [B,W-1]: the logprob of
+    token t+1 is read from the logits at t, so "action" tensors are one shorter than the ids, and
+    response_mask marks the positions whose next token is a response token.
+    """
+    input_ids, attention_mask = left_pad([torch.cat([q, r]) for q, r in zip(queries, responses)], pad_token_id)
+    width = input_ids.shape[1]
+    response_mask = torch.zeros(len(queries), width - 1, device=input_ids.device)
+    for row, response in enumerate(responses):
+        response_mask[row, width - 1 - len(response):] = 1.0  # every row ends with its response
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "position_ids": position_ids_from_attention_mask(attention_mask), "response_mask": response_mask}
+
+
+def distinct_n(responses, n: int = 2) -> float:
+    """Distinct n-grams / all n-grams over the batch's responses: near 0 when the policy says one thing."""
+    grams = [tuple(seq[i:i + n]) for seq in (r.tolist() for r in responses) for i in range(len(seq) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0

@@ -1,0 +1,167 @@
+"""PPO checkpoints that survive Ctrl-C: everything needed to continue a run exactly (notebook 03).
+
+Layout of one checkpoint, `OUT/checkpoints/step-000010/`:
+
+    model/               model.save_pretrained: policy adapter(s) (peft format) + value heads; loadable
+                         on its own with AutoModelForCausalLMWithValueHead.from_pretrained
+    trainer_state.pt     optimizer, KL controller, step counter, history, RNG states of every process
+    checkpoint.json      format marker, step, adapter names (read first, so a foreign folder fails fast)
+
+The folder is written into a temporary sibling and renamed into place (`atomic_dir`); only then is
+`OUT/checkpoints/latest` rewritten (atomically) to name it. An interrupted save therefore leaves the
+previous checkpoint and the pointer as they were. Loading reads and checks every file before it
+changes anything in the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import atomic_dir, atomic_write_text
+from .errors import MarlInputError
+
+FORMAT = "marl_utils.ppo_checkpoint"
+VERSION = 1
+INFO_FILE, STATE_FILE, MODEL_DIR, LATEST = "checkpoint.json", "trainer_state.pt", "model", "latest"
+
+
+def _rng_state(trainer) -> dict:
+    """This process's RNG streams, as tensors and plain types (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    cached),
+             "torch": torch.get_rng_state(), "prompt_generator": trainer.prompt_generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(trainer, state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    trainer.prompt_generator.set_state(state["prompt_generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(trainer, checkpoints_dir) -> Path:
+    """Write `checkpoints_dir/step-NNNNNN` atomically, then point `checkpoints_dir/latest` at it."""
+    from accelerate.utils import gather_object
+
+    accelerator = trainer.accelerator
+    root = Path(checkpoints_dir)
+    final = root / f"step-{trainer.step_count:06d}"
+    rng_states = gather_object([_rng_state(trainer)]) if accelerator.num_processes > 1 else [_rng_state(trainer)]
+    if accelerator.is_main_process:
+        state = {
+            "format": FORMAT, "version": VERSION, "step_count": trainer.step_count, "history": trainer.history,
+            "optimizer": trainer.optimizer.state_dict(), "kl_ctl": trainer.kl_ctl.state_dict(),
+            "config": trainer.config.to_dict(), "rng": rng_states,
+        }
+        info = {"format": FORMAT, "version": VERSION, "step": trainer.step_count,
+                "policy_adapter_name": trainer.policy_adapter_name,
+                "policy_adapter_names": list(trainer.model.policy_adapter_names),
+                "num_processes": accelerator.num_processes}
+        with atomic_dir(final) as tmp:
+            trainer.model.save_pretrained(tmp / MODEL_DIR)
+            torch.save(state, tmp / STATE_FILE)
+            (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        atomic_write_text(root / LATEST, final.name + "\n")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / INFO_FILE).is_file()
+
+
+def latest_checkpoint(path) -> Path | None:
+    """The newest complete checkpoint under `path` (a step-* folder, a checkpoints/ folder or a run's output_dir).
+
+    Follows the `latest` pointer; if it is missing or names a folder that is gone, takes the highest step-*.
+    """
+    path = Path(path)
+    if _is_checkpoint(path):
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if _is_checkpoint(named):
+            return named
+    found = sorted(p for p in root.glob("step-*") if _is_checkpoint(p))
+    return found[-1] if found else None
+
+
+def _read_checkpoint(folder: Path, trainer):
+    """Read and check every file of a checkpoint; raises MarlInputError, changes nothing."""
+    from safetensors.torch import load_file
+
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise MarlInputError(f"{folder / INFO_FILE} cannot be read ({err}); this checkpoint is damaged: delete "
+                             f"{folder} and resume from an earlier one") from err
+    if info.get("format") != FORMAT:
+        raise MarlInputError(f"{folder} is not a marl_utils PPO checkpoint (format {info.get('format')!r}); pass a "
+                             "folder written by PPOTrainer.save_checkpoint or train(output_dir=...)")
+    if info.get("version") != VERSION:
+        raise MarlInputError(f"{folder} is a version {info.get('version')} checkpoint; this marl_utils reads {VERSION}")
+    missing = [n for n in info["policy_adapter_names"] if n not in trainer.model.policy_adapter_names]
+    if missing:
+        raise MarlInputError(f"{folder} holds policy adapters {missing} that this model lacks "
+                             f"({trainer.model.policy_adapter_names}); build the model with the same adapters")
+    try:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        model_dir = folder / MODEL_DIR
+        adapters = {name: load_file(str((model_dir if name == "default" else model_dir / name)
+                                        / "adapter_model.safetensors")) for name in info["policy_adapter_names"]}
+        heads = load_file(str(model_dir / "value_heads.safetensors"))
+    except Exception as err:  # a truncated or overwritten file: torch, safetensors and OS errors alike
+        raise MarlInputError(f"checkpoint {folder} is corrupt or incomplete ({type(err).__name__}: {err}); delete "
+                             "it and resume from an earlier one") from err
+    if state.get("format") != FORMAT or state.get("step_count") != info["step"]:
+        raise MarlInputError(f"{folder / STATE_FILE} does not belong to {folder / INFO_FILE}; the checkpoint is "
+                             "inconsistent: delete it and resume from an earlier one")
+    return info, state, adapters, heads
+
+
+def load_checkpoint(trainer, path) -> Path:
+    """Restore model weights, optimizer, KL controller, step counter, history and RNG states from `path`."""
+    from peft import set_peft_model_state_dict
+
+    folder = latest_checkpoint(path)
+    if folder is None:
+        raise MarlInputError(f"no PPO checkpoint under {path}: expected step-NNNNNN folders with {INFO_FILE}")
+    info, state, adapters, heads = _read_checkpoint(folder, trainer)
+    model = trainer.model
+    try:
+        with torch.no_grad():
+            for name, weights in adapters.items():
+                result = set_peft_model_state_dict(model.pretrained_model, weights, adapter_name=name)
+                if getattr(result, "unexpected_keys", None):
+                    raise ValueError(f"unexpected adapter weights {result.unexpected_keys[:3]}")
+            model.v_heads.load_state_dict({k: v.to(model.device) for k, v in heads.items()}, strict=False)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise MarlInputError(f"checkpoint {folder} does not fit this model/optimizer ({err}); resume with the same "
+                             "base model, LoRA config and optimizer that wrote it") from err
+    trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+    trainer.step_count = state["step_count"]
+    trainer.history = list(state["history"])
+    rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+    if len(state["rng"]) == world:
+        _set_rng_state(trainer, state["rng"][rank])
+    else:
+        import warnings
+
+        warnings.warn(f"{folder} was written by {len(state['rng'])} processes, this run has {world}: RNG streams "
+                      "restart from the seed, so the continuation is not bit-identical")
+    return folder

@@ -1,0 +1,381 @@
+"""The PPO trainer (marl_utils.ppo, marl_utils.checkpoint) on tiny local stand-ins: the (T) items of
+shared/docs/ppo_checklist.md, bad input, and checkpoints."""
+
+import json
+import os
+import types
+
+import pytest
+import torch
+from peft import LoraConfig
+from stand_ins import LORA_TARGETS, MAKE_BASE, make_reward_adapter, make_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from marl_utils import checkpoint as checkpoint_module
+from marl_utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from marl_utils.errors import MarlInputError
+from marl_utils.modeling import AutoModelForCausalLMWithValueHead
+from marl_utils.ppo import PPOTrainer
+from marl_utils.ppo_config import PPOConfig
+from marl_utils.ppo_core import build_rollout_batch, distinct_n, entropy_from_logits, logprobs_from_logits
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*min_new_tokens.*")
+WORDS = "the movie was great and acting wonderful film bad plot boring i loved this a lot it fun".split()
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """A tiny base (with dropout 0.1, so the dropout trap is live) and its reward adapter, per architecture."""
+    root = tmp_path_factory.mktemp("ppo_stand_ins")
+    made = {}
+    for kind, extra in [("llama", {"attention_dropout": 0.1}), ("gpt2", {})]:  # gpt2 has dropout 0.1 already
+        base = MAKE_BASE[kind](root / kind, **extra)
+        made[kind] = types.SimpleNamespace(kind=kind, base=str(base),
+                                           adapter=str(make_reward_adapter(base, root / f"{kind}_rm")))
+    return made
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def make_model(s, seed=0):
+    """Policy LoRA with dropout on top of the base; LoRA B randomised so the policy differs from the reference."""
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=LORA_TARGETS[s.kind], task_type="CAUSAL_LM")
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(s.base, peft_config=lora, reward_adapter=s.adapter,
+                                                              value_head_dropout=0.1)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.policy_parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def config(**kw):
+    kw = {**dict(batch_size=4, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-2, max_new_tokens=6, steps=2,
+                 min_response_tokens=0), **kw}
+    return PPOConfig(**kw)
+
+
+def ids(tok, text):
+    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def prompts(tok):
+    return [ids(tok, t) for t in ["the movie", "i loved this movie a", "bad", "a wonderful film with",
+                                  "the plot was", "it was"]]
+
+
+def rollouts(tok):
+    """Fixed queries and responses of different lengths (one ends with EOS), for deterministic steps."""
+    queries = [ids(tok, t) for t in ["the movie", "i loved this", "bad", "a wonderful film with great"]]
+    responses = [ids(tok, t) for t in ["was great", "movie a lot it was fun", "plot", "music"]]
+    responses[2] = torch.cat([responses[2], torch.tensor([tok.eos_token_id])])
+    return queries, responses, torch.tensor([1.0, -0.5, 2.0, 0.3])
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def no_time(stats):
+    return {k: v for k, v in stats.items() if not k.startswith("time/")}
+
+
+# ---------------------------------------------------------------------------------------------- rollout
+def test_pad_equal_to_eos_mask_from_lengths(stand_ins, tok):
+    """With pad == eos a real EOS inside a prompt stays attended: the mask comes from lengths."""
+    eos = tok.eos_token_id
+    queries = [torch.tensor([eos, 5, 6]), torch.tensor([7])]
+    batch = build_rollout_batch(queries, [torch.tensor([8, eos]), torch.tensor([9])], pad_token_id=eos)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
+    assert batch["position_ids"][1].tolist() == [0, 0, 0, 0, 1]
+    assert batch["response_mask"].tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
+
+    pad_is_eos = make_tokenizer()
+    pad_is_eos.pad_token = pad_is_eos.eos_token
+    trainer = PPOTrainer(config(), make_model(stand_ins["gpt2"]), pad_is_eos)
+    prompt = torch.cat([torch.tensor([eos]), ids(tok, "the movie")])  # EOS as a document start, like GPT-2
+    alone = trainer.generate([prompt], do_sample=False)[0]
+    batched = trainer.generate([ids(tok, "i loved this movie a lot"), prompt], batch_size=2, do_sample=False)[1]
+    assert torch.equal(alone, batched)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_padded_row_gives_same_logprobs_and_values(stand_ins, tok, kind):
+    trainer = PPOTrainer(config(), make_model(stand_ins[kind]), tok)
+    query, response = ids(tok, "the movie"), ids(tok, "was great and fun")
+    long_query, long_response = ids(tok, "i loved this movie a lot it was"), ids(tok, "fun")
+    alone = build_rollout_batch([query], [response], tok.pad_token_id)
+    padded = build_rollout_batch([long_query, query], [long_response, response], tok.pad_token_id)
+    assert padded["attention_mask"][1].sum() < padded["attention_mask"].shape[1]  # row 1 really is padded
+    with torch.no_grad():
+        lp_alone, v_alone, _ = trainer._forward(trainer.model.eval(), alone, torch.tensor([0]))
+        lp_padded, v_padded, _ = trainer._forward(trainer.model, padded, torch.tensor([1]))
+        ref_alone = trainer._reference_logprobs(alone, torch.tensor([0]))
+        ref_padded = trainer._reference_logprobs(padded, torch.tensor([1]))
+    n = len(response)
+    torch.testing.assert_close(lp_padded[0, -n:], lp_alone[0, -n:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v_padded[0, -n:], v_alone[0, -n:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_padded[0, -n:], ref_alone[0, -n:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_batched_greedy_generation_equals_one_by_one(stand_ins, tok, kind):
+    trainer = PPOTrainer(config(), make_model(stand_ins[kind]), tok)
+    batch = prompts(tok)
+    together = trainer.generate(batch, batch_size=len(batch), do_sample=False)
+    alone = [trainer.generate([p], do_sample=False)[0] for p in batch]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    with_prompt = trainer.generate(batch[:2], return_prompt=True, do_sample=False)
+    assert torch.equal(with_prompt[1], torch.cat([batch[1], alone[1]]))
+
+
+def test_generate_cuts_after_first_eos_and_warns_on_biased_sampling(stand_ins, tok, monkeypatch):
+    trainer = PPOTrainer(config(), make_model(stand_ins["llama"]), tok)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    tails = torch.tensor([[5, eos, 7, 8], [5, 6, 7, 8], [eos, pad, pad, pad]])
+    seen = {}
+
+    def fake_generate(input_ids, attention_mask, **kwargs):
+        seen.update(kwargs)
+        return torch.cat([input_ids, tails[: len(input_ids)]], dim=1)
+
+    monkeypatch.setattr(trainer.model, "generate", fake_generate)
+    out = trainer.generate([ids(tok, "the movie"), ids(tok, "bad"), ids(tok, "i loved this")], batch_size=3)
+    assert [o.tolist() for o in out] == [[5, eos], [5, 6, 7, 8], [eos]]
+    assert (seen["do_sample"], seen["top_k"], seen["top_p"]) == (True, 0, 1.0)  # plain sampling by default
+    with pytest.warns(UserWarning, match="top_k.*biased"):
+        trainer.generate([ids(tok, "bad")], top_k=50)
+    with pytest.raises(MarlInputError, match="PPOConfig.temperature"):
+        trainer.generate([ids(tok, "bad")], temperature=0.7)
+
+
+def test_step_masks_everything_after_eos(stand_ins, tok):
+    """A response with junk after EOS trains and reports exactly like the same response cut at EOS."""
+    queries, responses, scores = rollouts(tok)
+    junk = [r.clone() for r in responses]
+    junk[2] = torch.cat([responses[2], ids(tok, "great great music")])
+    results = []
+    for batch_responses in (responses, junk):
+        trainer = PPOTrainer(config(), make_model(stand_ins["llama"]), tok)
+        stats = trainer.step(queries, batch_responses, scores)
+        results.append((no_time(stats), params(trainer.model)))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
+
+
+def test_score_reads_reward_at_last_real_token(stand_ins, tok):
+    trainer = PPOTrainer(config(), make_model(stand_ins["llama"]), tok)
+    queries, responses, _ = rollouts(tok)
+    scores = trainer.score(queries, responses)
+    for i, (q, r) in enumerate(zip(queries, responses)):
+        alone = trainer.model.compute_reward_score(torch.cat([q, r])[None])
+        torch.testing.assert_close(scores[i], alone[0], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- the step
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_first_minibatch_starts_at_ratio_one_with_dropout_in_the_model(stand_ins, tok, kind):
+    model = make_model(stand_ins[kind]).train()  # dropout 0.1 in base, LoRA and value head, train mode
+    trainer = PPOTrainer(config(), model, tok)
+    stats = trainer.step(*rollouts(tok))
+    assert stats["ppo/policy/approxkl_first"] < 1e-6
+    assert stats["ppo/policy/approxkl"] > 1e-6  # later minibatches do move the policy
+    assert model.training and all(m.training for m in model.modules())  # mode restored
+
+
+def test_temperature_in_every_logprob_and_masked_statistics(stand_ins, tok):
+    temperature = 2.0
+    trainer = PPOTrainer(config(temperature=temperature, init_kl_coef=0.05), make_model(stand_ins["llama"]), tok)
+    queries, responses, scores = rollouts(tok)
+    batch = build_rollout_batch(queries, responses, tok.pad_token_id)
+    mask = batch["response_mask"]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    with torch.no_grad():
+        logits = trainer.model.eval()(**inputs)[0][:, :-1] / temperature
+        ref_logits = trainer.model.reference_logits(**inputs)[:, :-1] / temperature
+    labels = batch["input_ids"][:, 1:]
+    kl = ((logprobs_from_logits(logits, labels) - logprobs_from_logits(ref_logits, labels)) * mask).sum(-1)
+    entropy = (entropy_from_logits(logits) * mask).sum() / mask.sum()
+    stats = trainer.step(queries, responses, scores)
+    assert stats["objective/kl"] == pytest.approx(kl.mean().item(), abs=1e-5)
+    assert stats["objective/entropy"] == pytest.approx(entropy.item(), abs=1e-5)
+    assert stats["ppo/policy/approxkl_first"] < 1e-6  # the training forward divides by T as well
+    assert stats["ppo/response_tokens_mean"] == pytest.approx(sum(map(len, responses)) / 4)
+    assert stats["ppo/distinct_2"] == pytest.approx(distinct_n(responses))
+    assert stats["objective/kl_coef"] == 0.05 and trainer.kl_ctl.value != 0.05  # adaptive controller moved
+
+
+def test_gradient_accumulation_equals_the_larger_minibatch(stand_ins, tok):
+    """mini 2 x accumulation 2 gives the same SGD update as one minibatch of 4 (token-weighted losses)."""
+    queries, responses, scores = rollouts(tok)  # responses of 2, 6, 2 and 1 tokens
+    after = []
+    for mini, accum in [(4, 1), (2, 2)]:
+        model = make_model(stand_ins["llama"])
+        before = params(model)
+        sgd = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
+        trainer = PPOTrainer(config(mini_batch_size=mini, gradient_accumulation_steps=accum, ppo_epochs=1), model,
+                             tok, optimizer=sgd)
+        trainer.step(queries, responses, scores)
+        after.append(params(model))
+    changed = [n for n in before if not torch.equal(before[n], after[0][n])]
+    assert changed
+    for name in changed:
+        torch.testing.assert_close(after[1][name], after[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_anti_collapse_penalty_and_score_shaping(stand_ins, tok):
+    cfg = config(max_new_tokens=8, min_response_tokens=None, missing_eos_penalty=-1.0, score_clip=2.5)
+    trainer = PPOTrainer(cfg, make_model(stand_ins["llama"]), tok)
+    eos = tok.eos_token_id
+    responses = [torch.tensor([5, eos]), torch.tensor([5] * 8), torch.tensor([5] * 5 + [eos]), torch.tensor([5] * 8)]
+    shaped, info = trainer.shape_scores(responses, torch.tensor([1.0, 1.0, 1.0, 5.0]))
+    # 6 = 3/4 of 8 is the minimum length; 2 tokens pays -2, 8 tokens without EOS pays -1, 5.0 - 1 is clipped
+    assert shaped.tolist() == [-1.0, 0.0, 1.0, 2.5]
+    assert info == {"env/short_response_frac": 0.25, "env/eos_frac": 0.5}
+
+
+# ---------------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def trained(stand_ins, tok):
+    """Two PPO steps through train(); parameters, reward scores and reference logits before and after."""
+    model = make_model(stand_ins["llama"])
+    model.add_policy_adapter("policy_1", LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS["llama"],
+                                                    task_type="CAUSAL_LM"))
+    fixed = build_rollout_batch(*rollouts(tok)[:2], tok.pad_token_id)
+    inputs = {k: fixed[k] for k in ("input_ids", "attention_mask")}
+    probe = lambda: (model.compute_reward_score(**inputs), model.reference_logits(**inputs))  # noqa: E731
+    before = (params(model), *probe())
+    trainable = {n for n, p in model.named_parameters() if any(p is q for q in model.trainable_parameters())}
+    trainer = PPOTrainer(config(), model, tok)
+    history = trainer.train(prompts(tok), eval_prompts=prompts(tok)[:3], progress=False)
+    return types.SimpleNamespace(model=model, trainer=trainer, history=history, before=before,
+                                 after=(params(model), *probe()), trainable=trainable)
+
+
+def test_reward_adapter_scores_and_reference_bit_identical_after_training(trained):
+    assert torch.equal(trained.before[1], trained.after[1])
+    assert torch.equal(trained.before[2], trained.after[2])
+
+
+def test_only_policy_lora_and_value_head_change(trained):
+    before, after = trained.before[0], trained.after[0]
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == trained.trainable
+    assert any("v_heads.default" in n for n in changed) and any("lora_" in n and ".default." in n for n in changed)
+    assert not any("policy_1" in n or "reward_adapter" in n for n in changed)
+
+
+def test_train_history_and_evaluation(trained, tok):
+    assert [h["step"] for h in trained.history] == [1, 2] and trained.trainer.step_count == 2
+    for key in ["objective/kl", "objective/kl_coef", "objective/entropy", "ppo/loss/policy", "ppo/loss/value",
+                "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/val/clipfrac", "ppo/val/explained_variance",
+                "ppo/returns/mean", "env/reward_mean", "env/reward_std", "env/score_mean",
+                "ppo/response_tokens_mean", "ppo/distinct_2", "time/ppo/total"]:
+        assert all(isinstance(h[key], float) and h[key] == h[key] for h in trained.history), key
+    rng = torch.get_rng_state()
+    first, second = trained.trainer.evaluate(prompts(tok)[:3]), trained.trainer.evaluate(prompts(tok)[:3])
+    assert torch.equal(rng, torch.get_rng_state())  # evaluation leaves the training RNG alone
+    assert first == second and first["kl_mean"] != 0 and len(first["samples"]) == 3
+    assert set(first) >= {"reward_mean", "kl_mean", "response_tokens_mean", "distinct_2", "samples"}
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_step_inputs_have_clear_errors(stand_ins, tok):
+    trainer = PPOTrainer(config(), make_model(stand_ins["llama"]), tok)
+    before = params(trainer.model)
+    queries, responses, scores = rollouts(tok)
+    with pytest.raises(MarlInputError, match="3 queries, 4 responses and 4 scores.*batch_size=4"):
+        trainer.step(queries[:3], responses, scores)
+    with pytest.raises(MarlInputError, match=r"scores has shape \(4, 1\)"):
+        trainer.step(queries, responses, scores[:, None])
+    with pytest.raises(MarlInputError, match=r"scores\[1\] has shape \(2,\)"):
+        trainer.step(queries, responses, [torch.tensor(1.0), torch.tensor([1.0, 2.0]), 0.0, 0.0])
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(MarlInputError, match=r"scores \[2\] are not finite.*no update"):
+            trainer.step(queries, responses, [1.0, 0.0, bad, 0.0])
+    with pytest.raises(MarlInputError, match=r"responses\[0\] is empty"):
+        trainer.step(queries, [torch.tensor([], dtype=torch.long)] + responses[1:], scores)
+    with pytest.raises(MarlInputError, match=r"queries\[0\] must be a 1-D tensor"):
+        trainer.step([queries[0][None]] + queries[1:], responses, scores)
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_bad_config_and_tokenizer(stand_ins, tok):
+    with pytest.raises(MarlInputError, match=r"batch_size=6 is not a multiple.*4 \* 1 = 4"):
+        PPOConfig(batch_size=6, mini_batch_size=4)
+    no_pad = make_tokenizer()
+    no_pad.pad_token = None
+    with pytest.raises(MarlInputError, match="no pad token.*tokenizer.pad_token = tokenizer.eos_token"):
+        PPOTrainer(config(), make_model(stand_ins["llama"]), no_pad)
+    with pytest.raises(MarlInputError, match="AutoModelForCausalLMWithValueHead"):
+        PPOTrainer(config(), torch.nn.Linear(2, 2), tok)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_resumed_run_equals_uninterrupted_run(stand_ins, tok, tmp_path):
+    cfg = config(steps=3, save_every=1)
+    straight = PPOTrainer(cfg, make_model(stand_ins["llama"]), tok)
+    straight.train(prompts(tok), progress=False)
+
+    def interrupt(trainer, entry):
+        if trainer.step_count == 2:
+            raise KeyboardInterrupt
+
+    first = PPOTrainer(cfg, make_model(stand_ins["llama"]), tok)
+    with pytest.raises(KeyboardInterrupt):
+        first.train(prompts(tok), output_dir=tmp_path, callback=interrupt, progress=False)
+    assert latest_checkpoint(tmp_path).name == "step-000002"
+
+    resumed = PPOTrainer(cfg, make_model(stand_ins["llama"], seed=1), tok)  # other init: weights come from disk
+    resumed.train(prompts(tok), output_dir=tmp_path, resume=True, progress=False)
+    assert resumed.step_count == 3 and len(resumed.history) == 3
+    assert [no_time(h) for h in resumed.history] == [no_time(h) for h in straight.history]
+    for name, value in params(straight.model).items():
+        assert torch.equal(value, dict(resumed.model.named_parameters())[name]), name
+    assert latest_checkpoint(tmp_path).name == "step-000003"
+    reloaded = AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path / "checkpoints/step-000003/model"))
+    assert torch.equal(reloaded.v_head.linear.weight, resumed.model.v_head.linear.weight)
+
+
+def test_interrupted_save_keeps_previous_checkpoint(stand_ins, tok, tmp_path, monkeypatch):
+    trainer = PPOTrainer(config(), make_model(stand_ins["llama"]), tok)
+    trainer.step(*rollouts(tok))
+    save_checkpoint(trainer, tmp_path)
+    kl_value = trainer.kl_ctl.value
+    trainer.step(*rollouts(tok))
+
+    def interrupted_save(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(trainer, tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000001"]  # no half-written folder
+    load_checkpoint(trainer, tmp_path)
+    assert trainer.step_count == 1 and trainer.kl_ctl.value == kl_value and len(trainer.history) == 0
+
+
+def test_foreign_or_corrupt_checkpoint_is_a_clear_error(stand_ins, tok, tmp_path):
+    trainer = PPOTrainer(config(), make_model(stand_ins["llama"]), tok)
+    with pytest.raises(MarlInputError, match="no PPO checkpoint under"):
+        trainer.resume(tmp_path)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "checkpoint.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(MarlInputError, match="not a marl_utils PPO checkpoint"):
+        trainer.resume(foreign)
+    folder = trainer.save_checkpoint(tmp_path / "run")
+    state = folder / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    before = params(trainer.model)
+    with pytest.raises(MarlInputError, match="corrupt or incomplete.*delete it"):
+        trainer.resume(tmp_path / "run")
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
