@@ -1,0 +1,389 @@
+"""The two layouts `marl bench` compares, and the PPO step it times on both (see `bench.py`).
+
+- MARL: ONE base in an `AutoModelForCausalLMWithValueHead`: policy LoRA + value head, the reference is the
+  base with adapters off, the reward model is the frozen reward LoRA + its score head.
+- separate: the usual four networks, each a full copy of the base weights: the policy (base + LoRA), a
+  reference copy, a reward model (the reward LoRA merged into a sequence classifier) and a value model
+  (base + a value head; only the head trains, the cheapest choice for this layout).
+
+Both answer the same four questions (generate, reward score, reference logprobs, policy logprobs+values),
+so `timed_ppo_step` runs the very same PPO work on each and only the model layout differs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_dir
+from .modeling import AutoModelForCausalLMWithValueHead, position_ids_from_mask
+from .profiles import PROFILES
+from .quantization import disable_cpu_inference_packing, quantization_config_from_flags
+from .reward_adapter import read_shapes
+
+SPEC_FILE = "bench_spec.json"
+PRECISIONS = {"fp32": {}, "8bit": dict(load_in_8bit=True), "4bit": dict(load_in_4bit=True)}
+"""The seed's flags per precision, passed as a user passes them."""
+UNQUANTIZED_DTYPE = torch.bfloat16
+"""dtype of what bitsandbytes leaves unquantized (embeddings, norms) in the 8-bit and 4-bit layouts.
+
+Real checkpoints ship in bfloat16/float16, so that is what these layers hold in a real 8/4-bit load (and
+transformers 4.x, the seed's stack, forced float16 with load_in_8bit/4bit). Our random base is saved in
+float32, so the bench asks for bfloat16 explicitly. LoRA adapters and heads stay float32 regardless.
+"""
+BASE_SIZES = {
+    "tiny": dict(PROFILES["tiny"].tiny_model),
+    # ~46M parameters: weights dominate the resident set, as in real models. Tied embeddings (one table for
+    # input and output) keep the part bitsandbytes never quantizes at 9% of the weights.
+    "mid": dict(vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=10,
+                num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256),
+}
+RANDOM_WEIGHTS_NOTE = ("random weights (base, policy and reward adapters): the bench measures memory and time, "
+                       "not quality")
+
+
+# ---------------------------------------------------------------------------- the models measured
+def build_bench_base(out_dir: Path, sizes: dict, texts, seed: int = 0) -> None:
+    """A random-init Llama-style base of `sizes` and a BPE tokenizer (trained on `texts`), saved atomically.
+
+    The corpus has fewer distinct words than `vocab_size`; the model keeps the full vocabulary anyway,
+    because the embedding's share of the weights is what the quantized layouts must be honest about.
+    """
+    from .tiny_base import build_tiny_llama, train_tokenizer
+
+    tokenizer = train_tokenizer(texts, vocab_size=sizes["vocab_size"])
+    model = build_tiny_llama(tokenizer, seed=seed, **sizes)
+    with atomic_dir(out_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        (tmp / SPEC_FILE).write_text(json.dumps({"sizes": sizes, "seed": seed}, sort_keys=True))
+
+
+def build_bench_reward(base_dir: Path, adapter_dir: Path, merged_dir: Path, lora: dict, seed: int = 0) -> None:
+    """A random stage-2-style reward adapter (peft SEQ_CLS LoRA + score head) and the same model merged.
+
+    MARL loads the adapter onto its one base; the separate layout loads the merged sequence classifier,
+    a full copy, as a standalone reward model would be.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    classifier = _quiet_load(AutoModelForSequenceClassification.from_pretrained, base_dir, num_labels=1,
+                             dtype=torch.float32)
+    config = LoraConfig(task_type="SEQ_CLS", r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
+                        target_modules=lora["target_modules"])
+    model = _quiet_load(get_peft_model, classifier, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # peft starts LoRA B at zero (a no-op adapter); random B makes the merged weights really differ
+            if "lora_B" in name or name.endswith("score.modules_to_save.default.weight"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    with atomic_dir(adapter_dir) as tmp:
+        model.save_pretrained(tmp)
+    with atomic_dir(merged_dir) as tmp:
+        model.merge_and_unload().save_pretrained(tmp)
+
+
+def prepare_bench_models(bench_dir, base_size: str, lora: dict, batch: int = 8, seed: int = 0) -> dict:
+    """Build (or reuse) the base, reward adapter and merged reward model; return what a layout process needs."""
+    from transformers import AutoTokenizer
+
+    from .data import load_imdb
+
+    sizes = BASE_SIZES[base_size]
+    bench_dir = Path(bench_dir)
+    base_dir = bench_dir / f"base-{base_size}"
+    adapter_dir, merged_dir = bench_dir / f"base-{base_size}-reward-adapter", bench_dir / f"base-{base_size}-reward-merged"
+    spec_file = base_dir / SPEC_FILE
+    reviews = load_imdb()
+    if not spec_file.exists() or json.loads(spec_file.read_text()) != {"sizes": sizes, "seed": seed}:
+        build_bench_base(base_dir, sizes, reviews["train"]["text"][:2000], seed)
+        shutil.rmtree(adapter_dir, ignore_errors=True)  # built on the old base: stale
+    if not (adapter_dir / "adapter_config.json").exists() or not (merged_dir / "config.json").exists():
+        build_bench_reward(base_dir, adapter_dir, merged_dir, lora, seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    reviews = reviews["test"]["text"][:batch]
+    # prompts of 4..8 tokens, so the batch is left-padded as PPO rollouts are
+    prompts = [tokenizer(text)["input_ids"][:4 + i % 5] for i, text in enumerate(reviews)]
+    shapes = read_shapes(base_dir / "model.safetensors")  # the file header: tied weights are stored once
+    return {"base": str(base_dir), "reward_adapter": str(adapter_dir), "reward_merged": str(merged_dir),
+            "pad_id": tokenizer.pad_token_id, "prompts": prompts, "lora": lora, "sizes": sizes,
+            "base_params": sum(math.prod(shape) for shape in shapes.values())}
+
+
+# ---------------------------------------------------------------------------- resident bytes
+def _tensors_in(obj, depth: int = 4):
+    """Tensors held by a bitsandbytes object (QuantState, MatmulLtState) or a container of them."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth <= 0 or isinstance(obj, (torch.nn.Module, str, bytes, int, float, bool, type(None))):
+        return
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors_in(item, depth - 1)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors_in(item, depth - 1)
+    elif type(obj).__module__.startswith("bitsandbytes") and hasattr(obj, "__dict__"):
+        for item in vars(obj).values():
+            yield from _tensors_in(item, depth - 1)
+
+
+def resident_tensors(*modules):
+    """Every tensor the modules keep in memory: parameters, buffers and quantization state.
+
+    bitsandbytes keeps the packed weight as the parameter (int8, or two 4-bit values per uint8) and its scales
+    beside it: `Int8Params.SCB`, `Params4bit.quant_state.absmax` (and the nested state of double
+    quantization), `Linear8bitLt.state`. Those are reached through the parameter's and the module's attributes.
+    """
+    for module in modules:
+        for sub in module.modules():
+            for tensor in list(sub._parameters.values()) + list(sub._buffers.values()):
+                if tensor is None:
+                    continue
+                yield tensor
+                yield from _tensors_in(vars(tensor) if hasattr(tensor, "__dict__") else None)
+            for name, value in vars(sub).items():
+                if not name.startswith("_"):
+                    yield from _tensors_in(value, depth=2) if not isinstance(value, torch.Tensor) else [value]
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of memory behind `tensors`, each storage counted ONCE (keyed by `untyped_storage().data_ptr()`).
+
+    Tied weights, views and anything else that shares memory (a reference model that IS the base) count once.
+    """
+    sizes = {}
+    for tensor in tensors:
+        if tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            sizes[storage.data_ptr()] = storage.nbytes()
+    return sum(sizes.values())
+
+
+def resident_bytes(*modules) -> int:
+    """Bytes the modules hold in memory (parameters, buffers, quantization state), shared storage once."""
+    return storage_bytes(resident_tensors(*modules))
+
+
+def quantized_bytes(*modules) -> int:
+    """The part of `resident_bytes` in bitsandbytes layers (packed weights + scales); the rest stays float."""
+    layers = [m for module in modules for m in module.modules() if type(m).__module__.startswith("bitsandbytes")]
+    return resident_bytes(*layers)
+
+
+def adapter_bytes(*modules) -> int:
+    """Bytes of the LoRA matrices and the small heads (value heads, score heads): what is not base weight."""
+    tensors = [p for module in modules for name, p in module.named_parameters()
+               if "lora_" in name or name.startswith(("v_heads.", "reward_head.")) or name.split(".")[-2:-1] == ["score"]]
+    return storage_bytes(tensors)
+
+
+def release_checkpoint_pages(model) -> None:
+    """Copy the unquantized tensors of a quantized model into process memory.
+
+    transformers memory-maps the safetensors file. After on-the-fly quantization only the embeddings and
+    norms still point into that mapping, but they keep the WHOLE file mapped, so the float32 pages read while
+    quantizing would stay in the resident set for the whole run. A GPU would hold only the quantized weights.
+    """
+    quantized = tuple(type(p) for p in model.parameters() if type(p).__module__.startswith("bitsandbytes"))
+    copies = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for tensor in store.values():
+                if tensor is None or isinstance(tensor, quantized) or tensor.device.type != "cpu":
+                    continue
+                key = tensor.untyped_storage().data_ptr()
+                copy = copies.setdefault(key, tensor.data.clone())  # tied weights stay tied
+                tensor.data = copy
+
+
+# ---------------------------------------------------------------------------- the two layouts
+def response_logprobs(logits: torch.Tensor, sequences: torch.Tensor, n_response: int) -> torch.Tensor:
+    """[B, R] log-probabilities of the R response tokens: token t is predicted by the logits at t - 1."""
+    logits = logits[:, -n_response - 1:-1].float()  # [B, R, V]
+    return torch.log_softmax(logits, -1).gather(-1, sequences[:, -n_response:].unsqueeze(-1)).squeeze(-1)
+
+
+def _generate(model, prompt_ids, prompt_mask, new_tokens: int, pad_id: int):
+    # Plain sampling (top_k=0, top_p=1) as PPO rollouts use; min_new_tokens keeps every step's work the same
+    # size in both layouts (a timing choice: training must not force lengths, it biases the KL).
+    return model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
+                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id)
+
+
+class MarlLayout:
+    """One base: policy adapter + value head, reference = adapters off, reward = reward adapter + score head."""
+
+    def __init__(self, model: AutoModelForCausalLMWithValueHead, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+
+    def modules(self) -> dict:
+        return {"model": self.model}
+
+    def generate(self, prompt_ids, prompt_mask, new_tokens):
+        return _generate(self.model, prompt_ids, prompt_mask, new_tokens, self.pad_id)
+
+    def reward_scores(self, sequences, mask):
+        return self.model.compute_reward_score(input_ids=sequences, attention_mask=mask)
+
+    def ref_logprobs(self, sequences, mask, n_response):
+        return response_logprobs(self.model.reference_logits(sequences, mask), sequences, n_response)
+
+    def policy_logprobs_and_values(self, sequences, mask, n_response):
+        logits, _, values = self.model(input_ids=sequences, attention_mask=mask)
+        return response_logprobs(logits, sequences, n_response), values[:, -n_response - 1:-1]
+
+    def trainable_parameters(self):
+        return self.model.trainable_parameters()
+
+
+class SeparateLayout:
+    """Four networks: policy (base + LoRA), reference copy, reward model (merged), value model (base + head)."""
+
+    def __init__(self, policy, ref, reward, value, pad_id: int):
+        self.policy, self.ref, self.reward, self.value, self.pad_id = policy, ref, reward, value, pad_id
+
+    def modules(self) -> dict:
+        return {"policy": self.policy, "ref": self.ref, "reward": self.reward, "value": self.value}
+
+    def generate(self, prompt_ids, prompt_mask, new_tokens):
+        return _generate(self.policy, prompt_ids, prompt_mask, new_tokens, self.pad_id)
+
+    def reward_scores(self, sequences, mask):
+        # the sequence classifier pools at the last non-pad token itself (it reads config.pad_token_id)
+        out = self.reward(input_ids=sequences, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+        return out.logits[:, 0].float()
+
+    def ref_logprobs(self, sequences, mask, n_response):
+        logits = self.ref(input_ids=sequences, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                          use_cache=False).logits
+        return response_logprobs(logits, sequences, n_response)
+
+    def policy_logprobs_and_values(self, sequences, mask, n_response):
+        positions = position_ids_from_mask(mask)
+        logits = self.policy(input_ids=sequences, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        hidden = self.value.base_model(input_ids=sequences, attention_mask=mask, position_ids=positions,
+                                       use_cache=False).last_hidden_state  # [B, T, H]
+        values = self.value.score(hidden.to(self.value.score.weight.dtype)).squeeze(-1).float()  # [B, T]
+        return response_logprobs(logits, sequences, n_response), values[:, -n_response - 1:-1]
+
+    def trainable_parameters(self):
+        return [p for p in self.policy.parameters() if p.requires_grad] + list(self.value.score.parameters())
+
+
+def _quiet_load(loader, *args, **kwargs):
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized score weights": expected for the value model
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return loader(*args, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def policy_lora_config(lora: dict):
+    """The policy adapter, the same in both layouts."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                      target_modules=lora["target_modules"])
+
+
+def load_layout(layout: str, precision: str, paths: dict):
+    """Build `layout` ("marl" or "separate") in `precision` from the folders `prepare_bench_models` made."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    flags = PRECISIONS[precision]
+    dtype = UNQUANTIZED_DTYPE if flags else torch.float32
+    lora_config = policy_lora_config(paths["lora"])
+    pad_id = paths["pad_id"]
+    if layout == "marl":
+        model = _quiet_load(AutoModelForCausalLMWithValueHead.from_pretrained, paths["base"],
+                            peft_config=lora_config, reward_adapter=paths["reward_adapter"], dtype=dtype, **flags)
+        if flags:
+            release_checkpoint_pages(model)
+        return MarlLayout(model.eval(), pad_id)
+
+    def load(cls, folder, **kwargs):
+        bnb = quantization_config_from_flags(**flags)
+        model = _quiet_load(cls.from_pretrained, folder, quantization_config=bnb, dtype=dtype, **kwargs)
+        if bnb is not None:
+            release_checkpoint_pages(model)
+        # The policy trains through its 4-bit layers, so it must not be repacked for inference (quantization.py);
+        # the frozen copies keep the same kernels too, so both layouts time the same 4-bit code.
+        disable_cpu_inference_packing(model)
+        return model.eval().requires_grad_(False)
+
+    policy = _quiet_load(get_peft_model, load(AutoModelForCausalLM, paths["base"]), lora_config)
+    ref = load(AutoModelForCausalLM, paths["base"])
+    reward = load(AutoModelForSequenceClassification, paths["reward_merged"], num_labels=1)
+    value = load(AutoModelForSequenceClassification, paths["base"], num_labels=1)
+    value.score.float().requires_grad_(True)  # the value head: float32 and trainable, like MARL's ValueHead
+    return SeparateLayout(policy.eval(), ref, reward, value, pad_id)
+
+
+# ---------------------------------------------------------------------------- the timed PPO step
+def gae(rewards, values, gamma: float = 1.0, lam: float = 0.95):
+    """(advantages, returns), both [B, R], by generalised advantage estimation over the response tokens."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+def ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, cliprange=0.2, vf_coef=0.1):
+    """Clipped policy loss + vf_coef * clipped value loss (means over the response tokens)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)).mean()
+    clipped = old_values + (values - old_values).clamp(-cliprange, cliprange)
+    value_loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean()
+    return policy_loss + vf_coef * value_loss
+
+
+def timed_ppo_step(layout, prompt_ids, prompt_mask, new_tokens: int, optimizer, kl_coef: float = 0.05) -> dict:
+    """One PPO step (rollout, scoring, one optimisation pass over the batch); seconds of each part.
+
+    generate: sampling `new_tokens` per prompt with the policy. score: reward score, reference logprobs and
+    the rollout's own logprobs and values, all without gradients. optimise: forward with gradients, PPO loss,
+    backward, optimizer step.
+    """
+    start = time.perf_counter()
+    with torch.no_grad():
+        sequences = layout.generate(prompt_ids, prompt_mask, new_tokens)  # [B, P + R]
+    generated = time.perf_counter()
+    n_response = sequences.shape[1] - prompt_ids.shape[1]
+    mask = torch.cat([prompt_mask, torch.ones_like(sequences[:, prompt_ids.shape[1]:])], dim=1)
+    with torch.no_grad():
+        scores = layout.reward_scores(sequences, mask)  # [B]
+        ref_logprobs = layout.ref_logprobs(sequences, mask, n_response)  # [B, R]
+        old_logprobs, old_values = layout.policy_logprobs_and_values(sequences, mask, n_response)
+    scored = time.perf_counter()
+    rewards = -kl_coef * (old_logprobs - ref_logprobs)  # [B, R]: KL penalty per token, score at the end
+    rewards[:, -1] += scores
+    advantages, returns = gae(rewards, old_values)
+    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    logprobs, values = layout.policy_logprobs_and_values(sequences, mask, n_response)
+    loss = ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    optimised = time.perf_counter()
+    return {"generate": generated - start, "score": scored - generated, "optimise": optimised - scored}
+
