@@ -71,6 +71,9 @@ class Profile:
     ppo_prompt_tokens: tuple[int, int] = (2, 6)
     ppo_max_new_tokens: int = 20
     ppo_eval_prompts: int = 64
+    ppo_min_reward_gain: float = 2.0
+    """Bars notebook 03 asserts: eval reward gain at least this, final KL (nats/sequence) at most ppo_max_kl."""
+    ppo_max_kl: float = 15.0
 
     lora_target_modules: tuple[str, ...] | None = None
     """None lets peft pick the usual attention projections for the architecture."""
@@ -120,6 +123,8 @@ PROFILES: dict[str, Profile] = {
         ppo_prompt_tokens=(2, 8),
         ppo_max_new_tokens=16,
         ppo_eval_prompts=16,
+        ppo_min_reward_gain=1.0,
+        ppo_max_kl=15.0,
     ),
 }
 
