@@ -21,6 +21,7 @@ in eval mode all the same.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
 from pathlib import Path
@@ -52,7 +53,24 @@ def eval_mode(model):
 
 
 class PPOTrainer:
-    """PPO for a policy LoRA adapter + value head, referenced by the disabled base, scored by the reward adapter."""
+    """PPO for a policy LoRA adapter + value head, referenced by the disabled base, scored by the reward adapter.
+
+    The trainer trains the policy adapter that is active when it is built (for a second policy on the same
+    model, `set_policy_adapter` it and build a second trainer). `ref_model` (optional) replaces the disabled
+    base as the reference. `step()` returns, all floats (means over the batch; token means over response
+    tokens only):
+      objective/kl, objective/kl_coef, objective/non_score_reward   KL to the reference in nats per sequence,
+          beta, and -beta * KL; objective/entropy: policy entropy per response token
+      env/score_mean, env/score_std          raw reward-adapter scores
+      env/reward_mean, env/reward_std        the scores PPO optimised (after penalties and clipping)
+      env/short_response_frac, env/eos_frac  anti-collapse guard hits, responses that ended with EOS
+      ppo/loss/{policy,value,total}, ppo/policy/{approxkl,clipfrac,ratio_mean}, ppo/val/{clipfrac,mean,
+          explained_variance}, ppo/returns/mean, ppo/epochs (fewer than ppo_epochs after an early stop)
+      ppo/policy/approxkl_first              of the first minibatch of the first epoch: ~0, else the training
+          forward differs from the rollout (dropout, padding, temperature)
+      ppo/response_tokens_mean, ppo/distinct_2   collapse shows here first: short, repetitive responses
+      time/ppo/{rollout_forward,optimize,total}  seconds (train() adds time/rollout/{generate,score})
+    """
 
     def __init__(self, config: PPOConfig, model, tokenizer, dataset=None, data_collator=None, optimizer=None,
                  ref_model=None):
@@ -74,13 +92,19 @@ class PPOTrainer:
         self.pad_token_id, self.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         # sync_with_dataloader=False: the end of a user's dataloader must not cut an accumulation group short
         plugin = GradientAccumulationPlugin(num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False)
+        # Accelerate only runs several CPU processes (gloo) when told cpu=True; torchrun alone would give
+        # independent, unsynchronised copies on a machine without an accelerator.
+        cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
         self.accelerator = Accelerator(gradient_accumulation_plugin=plugin, log_with=config.log_with,
-                                       project_dir=config.logging_dir)
+                                       project_dir=config.logging_dir, cpu=cpu_processes)
         set_seed(config.seed + self.accelerator.process_index)  # each process samples its own rollouts
         self.prompt_generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
 
         self.model = model  # the plain model: generate, reference, compute_reward_score, save_pretrained
         self.policy_adapter_name = model.active_adapter
+        if not any(p.requires_grad for p in model.trainable_parameters()):
+            raise MarlInputError("the model has nothing to train: it was loaded with is_trainable=False (inference). "
+                                 "Load it with AutoModelForCausalLMWithValueHead.from_pretrained(..., is_trainable=True)")
         if optimizer is None:
             optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config.learning_rate)
         base = model.pretrained_model.get_base_model()
@@ -96,7 +120,7 @@ class PPOTrainer:
         if dataset is not None:
             loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                                                  collate_fn=data_collator or _collate_dicts)
-            self.dataloader = self.accelerator.prepare_dataloader(loader)
+            self.dataloader = self.accelerator.prepare(loader)
         if config.log_with:
             self.accelerator.init_trackers("marl_ppo", config=config.to_dict())
         self.step_count, self.history, self._progress = 0, [], None
@@ -251,11 +275,13 @@ class PPOTrainer:
 
         # 1. rollout forward: old logprobs, values and the reference's logprobs over the generated ids
         with torch.no_grad(), eval_mode(self.model):
-            old = [self._forward(self.policy, batch, rows) for rows in minibatches]
-            logprobs = torch.cat([o[0] for o in old])
-            values = torch.cat([o[1] for o in old])
-            entropy = torch.cat([entropy_from_logits(o[2]) for o in old])
-            del old
+            logprobs, values, entropy = [], [], []
+            for rows in minibatches:  # [b,W-1] each; the [b,W,V] logits are dropped right away
+                rollout_logprobs, rollout_values, logits = self._forward(self.policy, batch, rows)
+                logprobs.append(rollout_logprobs)
+                values.append(rollout_values)
+                entropy.append(entropy_from_logits(logits))
+            logprobs, values, entropy = torch.cat(logprobs), torch.cat(values), torch.cat(entropy)
             ref_logprobs = torch.cat([self._reference_logprobs(batch, rows) for rows in minibatches])
         # 2. per-token rewards; 3. advantages
         kl_coef = self.kl_ctl.value
@@ -301,8 +327,11 @@ class PPOTrainer:
                             pg_stats["clipfrac"], vf_stats["clipfrac"], pg_stats["ratio_mean"]]))
                 epoch_stats += per_epoch
                 epochs_run = epoch + 1
-                if cfg.early_stopping and torch.stack(per_epoch)[:, 3].mean() > cfg.target_kl_early_stop:
-                    break
+                if cfg.early_stopping:
+                    # decided on the mean over processes: DDP processes must run the same number of backwards
+                    epoch_kl = accelerator.reduce(torch.stack(per_epoch)[:, 3].mean(), "mean")
+                    if epoch_kl > cfg.target_kl_early_stop:
+                        break
         t_optimize = time.perf_counter()
 
         # 5. statistics (masked means: padding never counts) and the KL controller
@@ -385,6 +414,8 @@ class PPOTrainer:
             found = latest_checkpoint(output_dir)
             if found is not None:
                 load_checkpoint(self, found)
+            elif self.accelerator.is_main_process:
+                print(f"no checkpoint under {output_dir}: starting from step {self.step_count}")
         saved_at = self.step_count
         bar = tqdm(total=total, initial=min(self.step_count, total), desc="PPO",
                    disable=not progress or not self.accelerator.is_main_process)
@@ -425,7 +456,10 @@ class PPOTrainer:
             if self.dataset is None:
                 raise MarlInputError("train() needs prompts: pass a list of 1-D token tensors, or build the trainer "
                                      "with dataset= (a dataset with an 'input_ids' column)")
-            prompts = self.dataset["input_ids"] if not isinstance(self.dataset, list) else self.dataset
+            if isinstance(self.dataset, (list, tuple)):
+                prompts = [row["input_ids"] if isinstance(row, dict) else row for row in self.dataset]
+            else:  # a datasets.Dataset (or any mapping of columns)
+                prompts = self.dataset["input_ids"]
         prompts = [p if torch.is_tensor(p) else torch.tensor(p, dtype=torch.long) for p in prompts]
         if not prompts:
             raise MarlInputError("train() got no prompts")

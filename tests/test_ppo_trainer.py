@@ -18,7 +18,7 @@ from marl_utils.errors import MarlInputError
 from marl_utils.modeling import AutoModelForCausalLMWithValueHead
 from marl_utils.ppo import PPOTrainer
 from marl_utils.ppo_config import PPOConfig
-from marl_utils.ppo_core import build_rollout_batch, distinct_n, entropy_from_logits, logprobs_from_logits
+from marl_utils.ppo_core import build_rollout_batch, cut_after_eos, distinct_n, entropy_from_logits, logprobs_from_logits
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*min_new_tokens.*")
@@ -101,9 +101,13 @@ def test_pad_equal_to_eos_mask_from_lengths(stand_ins, tok):
     pad_is_eos.pad_token = pad_is_eos.eos_token
     trainer = PPOTrainer(config(), make_model(stand_ins["gpt2"]), pad_is_eos)
     prompt = torch.cat([torch.tensor([eos]), ids(tok, "the movie")])  # EOS as a document start, like GPT-2
+    with torch.no_grad():  # the truth: the prompt alone, every token attended
+        full = trainer.model.eval().generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt)),
+                                             do_sample=False, max_new_tokens=6, pad_token_id=eos, eos_token_id=eos)
+    expected = cut_after_eos(full[0, len(prompt):], eos)
     alone = trainer.generate([prompt], do_sample=False)[0]
     batched = trainer.generate([ids(tok, "i loved this movie a lot"), prompt], batch_size=2, do_sample=False)[1]
-    assert torch.equal(alone, batched)
+    assert torch.equal(alone, expected) and torch.equal(batched, expected)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -230,6 +234,23 @@ def test_gradient_accumulation_equals_the_larger_minibatch(stand_ins, tok):
         torch.testing.assert_close(after[1][name], after[0][name], atol=1e-6, rtol=1e-5)
 
 
+def test_gradient_clipping_and_early_stopping(stand_ins, tok):
+    model = make_model(stand_ins["llama"])
+    before = [p.detach().clone() for p in model.trainable_parameters()]
+    sgd = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
+    cfg = config(mini_batch_size=4, ppo_epochs=1, max_grad_norm=1e-3)
+    PPOTrainer(cfg, model, tok, optimizer=sgd).step(*rollouts(tok))
+    moved = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.trainable_parameters(), before)))
+    assert 0 < moved <= 1e-3 * (1 + 1e-4)  # one SGD step of lr 1 with the gradient norm clipped to 1e-3
+
+    stops = PPOTrainer(config(ppo_epochs=4, early_stopping=True, target_kl_early_stop=1e-12),
+                       make_model(stand_ins["llama"]), tok).step(*rollouts(tok))
+    assert stops["ppo/epochs"] == 1.0
+    runs = PPOTrainer(config(ppo_epochs=4, early_stopping=True, target_kl_early_stop=10.0),
+                      make_model(stand_ins["llama"]), tok).step(*rollouts(tok))
+    assert runs["ppo/epochs"] == 4.0
+
+
 def test_anti_collapse_penalty_and_score_shaping(stand_ins, tok):
     cfg = config(max_new_tokens=8, min_response_tokens=None, missing_eos_penalty=-1.0, score_clip=2.5)
     trainer = PPOTrainer(cfg, make_model(stand_ins["llama"]), tok)
@@ -284,6 +305,19 @@ def test_train_history_and_evaluation(trained, tok):
     assert torch.equal(rng, torch.get_rng_state())  # evaluation leaves the training RNG alone
     assert first == second and first["kl_mean"] != 0 and len(first["samples"]) == 3
     assert set(first) >= {"reward_mean", "kl_mean", "response_tokens_mean", "distinct_2", "samples"}
+
+
+def test_dataset_gives_dataloader_and_default_prompts(stand_ins, tok):
+    rows = [{"input_ids": p, "query": tok.decode(p)} for p in prompts(tok)]
+    trainer = PPOTrainer(config(steps=1), make_model(stand_ins["llama"]), tok, dataset=rows)
+    batch = next(iter(trainer.dataloader))
+    assert len(batch["input_ids"]) == 4 and all(q.dim() == 1 for q in batch["input_ids"])
+    responses = trainer.generate(batch["input_ids"])
+    stats = trainer.step(batch["input_ids"], responses, trainer.score(batch["input_ids"], responses))
+    entry = trainer.log_stats(stats, {"query": batch["query"], "response": tok.batch_decode(responses)})
+    assert entry["step"] == 1 and entry["sample/query"] == batch["query"][0] and trainer.history == [entry]
+    trainer.train(steps=2, progress=False)  # prompts default to the dataset's input_ids
+    assert trainer.step_count == 2 and len(trainer.history) == 2
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -379,3 +413,48 @@ def test_foreign_or_corrupt_checkpoint_is_a_clear_error(stand_ins, tok, tmp_path
     with pytest.raises(MarlInputError, match="corrupt or incomplete.*delete it"):
         trainer.resume(tmp_path / "run")
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------- data parallel
+DDP_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(1)
+from stand_ins import make_tokenizer
+from test_ppo_trainer import config, make_model, prompts
+from types import SimpleNamespace
+from marl_utils.ppo import PPOTrainer
+
+tok = make_tokenizer()
+model = make_model(SimpleNamespace(kind="llama", base=sys.argv[2], adapter=sys.argv[3]))
+init = [p.detach().clone() for p in model.trainable_parameters()]
+trainer = PPOTrainer(config(steps=2), model, tok)
+sampled = [r.tolist() for r in trainer.generate(prompts(tok))]
+trainer.train(prompts(tok), progress=False)
+after = [p.detach() for p in model.trainable_parameters()]
+json.dump({"processes": trainer.accelerator.num_processes, "policy": type(trainer.policy).__name__,
+           "sampled": sampled, "params": [p.flatten().tolist() for p in after],
+           "changed": any(not torch.equal(a, b) for a, b in zip(init, after)),
+           "stats": [{k: v for k, v in h.items() if not k.startswith("time/")} for h in trainer.history]},
+          open(f"{sys.argv[4]}/rank{trainer.accelerator.process_index}.json", "w"))
+"""
+
+
+def test_two_process_gloo_run_keeps_replicas_in_sync(stand_ins, tmp_path):
+    """torchrun with 2 CPU processes: different rollouts per process, identical weights after each update."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    s = stand_ins["llama"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           os.path.dirname(__file__), s.base, s.adapter, str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["processes"] == 2 and rank0["policy"] == "DistributedDataParallel"
+    assert rank0["sampled"] != rank1["sampled"]  # each process generates its own rollouts
+    assert rank0["changed"] and rank0["params"] == rank1["params"]  # gradients were averaged across processes
+    assert rank0["stats"] == rank1["stats"]  # statistics are reduced over processes
