@@ -103,8 +103,8 @@ class PPOTrainer:
         self.model = model  # the plain model: generate, reference, compute_reward_score, save_pretrained
         self.policy_adapter_name = model.active_adapter
         if not any(p.requires_grad for p in model.trainable_parameters()):
-            raise MarlInputError("the model has nothing to train: it was loaded with is_trainable=False (inference). "
-                                 "Load it with AutoModelForCausalLMWithValueHead.from_pretrained(..., is_trainable=True)")
+            raise MarlInputError("the model has nothing to train: it was loaded with is_trainable=False (for "
+                                 "inference); load it with from_pretrained(..., is_trainable=True)")
         if optimizer is None:
             optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config.learning_rate)
         base = model.pretrained_model.get_base_model()
@@ -189,7 +189,7 @@ class PPOTrainer:
         return torch.cat(scores).float()
 
     def _forward(self, model, batch, rows, with_values: bool = True):
-        """(logprobs, values, entropy) [b,W-1] of `rows` of the batch; logits divided by the temperature."""
+        """(logprobs, values, logits / T) of `rows` of the batch, all over positions 0..W-2 ([b,W-1], [b,W-1,V])."""
         input_ids = batch["input_ids"][rows]
         inputs = dict(input_ids=input_ids, attention_mask=batch["attention_mask"][rows],
                       position_ids=batch["position_ids"][rows])
@@ -202,7 +202,8 @@ class PPOTrainer:
     @torch.no_grad()
     def _reference_logprobs(self, batch, rows) -> torch.Tensor:
         if self.ref_model is not None:
-            logprobs, _, _ = self._forward(self.ref_model, batch, rows, with_values=False)
+            with eval_mode(self.ref_model):
+                logprobs, _, _ = self._forward(self.ref_model, batch, rows, with_values=False)
             return logprobs
         with self.model.reference() as reference:
             logprobs, _, _ = self._forward(reference, batch, rows, with_values=False)
@@ -433,7 +434,7 @@ class PPOTrainer:
                 scores = self.score(queries, responses)
                 t_score = time.perf_counter()
                 stats = self.step(queries, responses, scores)
-                stats.update({"time/rollout/generate": t_generate - t_start, "time/rollout/score": t_score - t_generate})
+                stats["time/rollout/generate"], stats["time/rollout/score"] = t_generate - t_start, t_score - t_generate
                 entry = self.log_stats(stats, rewards=scores)
                 if eval_prompts is not None and cfg.eval_every and self.step_count % cfg.eval_every == 0:
                     result = self.evaluate(eval_prompts)

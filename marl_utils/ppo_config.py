@@ -29,7 +29,7 @@ class PPOConfig:
     mini_batch_size: int = 128
     """Rollouts per forward/backward pass (gpt2-sentiment: 128)."""
     gradient_accumulation_steps: int = 1
-    """Forward/backward passes per optimizer step: one update sees mini_batch_size * this rollouts (gpt2-sentiment: 1)."""
+    """Forward/backward passes per optimizer step; an update sees mini_batch_size * this rollouts (example: 1)."""
     ppo_epochs: int = 4
     """Passes over the batch, reshuffled each time, per PPO step (gpt2-sentiment: 4)."""
 
@@ -123,7 +123,8 @@ class PPOConfig:
         if self.min_response_tokens is not None and not (
                 isinstance(self.min_response_tokens, int) and 0 <= self.min_response_tokens <= self.max_new_tokens):
             raise MarlInputError(f"PPOConfig.min_response_tokens={self.min_response_tokens!r} must be an integer in "
-                                 f"[0, max_new_tokens={self.max_new_tokens}] (0 = off), or None for 3/4 of max_new_tokens")
+                                 f"[0, max_new_tokens={self.max_new_tokens}] (0 = off), or None for 3/4 of "
+                                 "max_new_tokens")
         for name in ["steps", "eval_every", "save_every"]:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

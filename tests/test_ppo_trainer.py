@@ -18,7 +18,8 @@ from marl_utils.errors import MarlInputError
 from marl_utils.modeling import AutoModelForCausalLMWithValueHead
 from marl_utils.ppo import PPOTrainer
 from marl_utils.ppo_config import PPOConfig
-from marl_utils.ppo_core import build_rollout_batch, cut_after_eos, distinct_n, entropy_from_logits, logprobs_from_logits
+from marl_utils.ppo_core import (build_rollout_batch, cut_after_eos, distinct_n, entropy_from_logits,
+                                 logprobs_from_logits)
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*min_new_tokens.*")
@@ -214,6 +215,18 @@ def test_temperature_in_every_logprob_and_masked_statistics(stand_ins, tok):
     assert stats["ppo/response_tokens_mean"] == pytest.approx(sum(map(len, responses)) / 4)
     assert stats["ppo/distinct_2"] == pytest.approx(distinct_n(responses))
     assert stats["objective/kl_coef"] == 0.05 and trainer.kl_ctl.value != 0.05  # adaptive controller moved
+
+
+def test_disabled_adapters_are_the_reference_and_ref_model_replaces_them(stand_ins, tok):
+    """KL against the plain base loaded on its own (ref_model=) equals KL against the adapter-disabled base."""
+    from transformers import AutoModelForCausalLM
+
+    s = stand_ins["gpt2"]
+    shared = PPOTrainer(config(), make_model(s), tok).step(*rollouts(tok))
+    separate = PPOTrainer(config(), make_model(s), tok, ref_model=AutoModelForCausalLM.from_pretrained(s.base).train())
+    stats = separate.step(*rollouts(tok))
+    assert shared["objective/kl"] > 0.01
+    assert stats["objective/kl"] == pytest.approx(shared["objective/kl"], abs=1e-4)
 
 
 def test_gradient_accumulation_equals_the_larger_minibatch(stand_ins, tok):
