@@ -4,7 +4,8 @@ Layout of one checkpoint, `OUT/checkpoints/step-000010/`:
 
     model/               model.save_pretrained: policy adapter(s) (peft format) + value heads; loadable
                          on its own with AutoModelForCausalLMWithValueHead.from_pretrained
-    trainer_state.pt     optimizer, KL controller, step counter, history, RNG states of every process
+    trainer_state.pt     optimizer, KL controller, score statistics, step counter, history, RNG states of
+                         every process
     checkpoint.json      format marker, step, adapter names (read first, so a foreign folder fails fast)
 
 The folder is written into a temporary sibling and renamed into place (`atomic_dir`); only then is
@@ -63,6 +64,7 @@ def save_checkpoint(trainer, checkpoints_dir) -> Path:
         state = {
             "format": FORMAT, "version": VERSION, "step_count": trainer.step_count, "history": trainer.history,
             "optimizer": trainer.optimizer.state_dict(), "kl_ctl": trainer.kl_ctl.state_dict(),
+            "score_moments": trainer.score_moments.state_dict(),
             "config": trainer.config.to_dict(), "rng": rng_states,
         }
         info = {"format": FORMAT, "version": VERSION, "step": trainer.step_count,
@@ -154,6 +156,7 @@ def load_checkpoint(trainer, path) -> Path:
         raise MarlInputError(f"checkpoint {folder} does not fit this model/optimizer ({err}); resume with the same "
                              "base model, LoRA config and optimizer that wrote it") from err
     trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+    trainer.score_moments.load_state_dict(state["score_moments"])
     trainer.step_count = state["step_count"]
     trainer.history = list(state["history"])
     rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes

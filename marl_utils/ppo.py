@@ -30,7 +30,7 @@ import torch
 
 from .errors import MarlInputError
 from .ppo_config import PPOConfig
-from .ppo_core import (AdaptiveKLController, FixedKLController, build_rollout_batch, compute_gae, compute_rewards,
+from .ppo_core import (AdaptiveKLController, FixedKLController, RunningMoments, build_rollout_batch, compute_gae, compute_rewards,
                        cut_after_eos, distinct_n, entropy_from_logits, explained_variance, kl_penalty, left_pad,
                        logprobs_from_logits, masked_mean, masked_whiten, policy_loss, value_loss)
 
@@ -116,6 +116,7 @@ class PPOTrainer:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target_kl, config.horizon)
                        if config.adap_kl_ctrl else FixedKLController(config.init_kl_coef))
+        self.score_moments = RunningMoments()  # for config.normalize_scores
         self.dataset, self.dataloader = dataset, None
         if dataset is not None:
             loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
@@ -241,13 +242,16 @@ class PPOTrainer:
         return scores
 
     def shape_scores(self, responses, scores: torch.Tensor):
-        """Scores PPO optimises: raw score + anti-collapse / missing-EOS penalties, optionally clipped.
+        """Scores PPO optimises: raw score (optionally normalised) + anti-collapse / missing-EOS penalties, clipped.
 
         A reward hack seen in practice: the policy learns one short stock sentence plus EOS, which the reward
         adapter likes and the KL penalty barely notices (few tokens, few nats). Responses shorter than
         `min_response_length` tokens pay `short_response_penalty`. This is unbiased, unlike forcing length
         with min_new_tokens, which would sample from a distribution other than the policy's.
         """
+        if self.config.normalize_scores:
+            self.score_moments.update(self.accelerator.gather(scores))  # all processes' scores
+            scores = (scores - self.score_moments.mean) / self.score_moments.std
         lengths = torch.tensor([len(r) for r in responses], device=scores.device)
         short = lengths < self.config.min_response_length
         shaped = scores + self.config.short_response_penalty * short

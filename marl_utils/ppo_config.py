@@ -72,6 +72,8 @@ class PPOConfig:
     """Added to the score of a response shorter than `min_response_tokens` (the anti-collapse guard)."""
     missing_eos_penalty: float | None = None
     """Added to the score of a response that ends without EOS (cut by max_new_tokens); None = off."""
+    normalize_scores: bool = False
+    """Standardise scores with the running mean and std of all scores so far (before penalties and clipping)."""
     score_clip: float | None = None
     """Clip scores to [-score_clip, score_clip] before they enter the rewards; None = off."""
     whiten_rewards: bool = False

@@ -6,6 +6,9 @@ step cell by cell and `tests/test_ppo_core.py` can check each formula against a 
 Shapes: B rows (rollouts), T token positions. `mask` is 1.0 at the positions that count (the response
 tokens of each row) and 0.0 at padding and prompt positions; every mean, variance and statistic below
 is taken over the masked positions only, so padding never leaks into a loss or a logged number.
+
+At the end: the helpers that lay rollouts out as tensors (cut at EOS, left padding with the mask built
+from lengths, position ids that skip the padding) and distinct-n, the diversity measure we log.
 """
 
 from __future__ import annotations
@@ -160,6 +163,32 @@ def explained_variance(values, returns, mask) -> torch.Tensor:
     """1 - Var(returns - values) / Var(returns) over masked tokens: 1 is perfect, 0 is a constant guess."""
     var_returns = masked_var(returns, mask)
     return 1 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)
+
+
+class RunningMoments:
+    """Mean and standard deviation of every score seen so far, updated batch by batch (Chan et al. 1979)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, values: torch.Tensor) -> None:
+        """Fold a batch of scalars into the running mean and (population) variance."""
+        n = values.numel()
+        batch_mean, batch_var = values.float().mean().item(), values.float().var(unbiased=False).item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        sum_sq = self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, sum_sq / total, total
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-16) ** 0.5
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
 
 
 class FixedKLController:

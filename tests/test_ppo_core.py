@@ -7,10 +7,10 @@ import torch
 
 from marl_utils.errors import MarlInputError
 from marl_utils.ppo_config import PPOConfig
-from marl_utils.ppo_core import (AdaptiveKLController, FixedKLController, compute_gae, compute_rewards,
-                                 entropy_from_logits, explained_variance, kl_penalty, last_masked_index,
-                                 logprobs_from_logits, masked_mean, masked_var, masked_whiten, policy_loss,
-                                 value_loss)
+from marl_utils.ppo_core import (AdaptiveKLController, FixedKLController, RunningMoments, compute_gae,
+                                 compute_rewards, entropy_from_logits, explained_variance, kl_penalty,
+                                 last_masked_index, logprobs_from_logits, masked_mean, masked_var, masked_whiten,
+                                 policy_loss, value_loss)
 
 torch.set_num_threads(1)
 
@@ -182,6 +182,21 @@ def test_explained_variance():
     torch.testing.assert_close(explained_variance(returns, returns, mask), torch.tensor(1.0))
     constant = torch.full(mask.shape, 3.0)
     torch.testing.assert_close(explained_variance(constant, returns, mask), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+def test_running_moments_equal_moments_of_everything_seen():
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(n, generator=g) * 3 + 1 for n in (5, 1, 12)]
+    moments = RunningMoments()
+    for batch in batches:
+        moments.update(batch)
+    everything = torch.cat(batches)
+    assert moments.count == 18
+    assert moments.mean == pytest.approx(everything.mean().item(), abs=1e-5)
+    assert moments.std == pytest.approx(everything.std(unbiased=False).item(), abs=1e-5)
+    copy = RunningMoments()
+    copy.load_state_dict(moments.state_dict())
+    assert copy.state_dict() == moments.state_dict()
 
 
 def test_adaptive_kl_controller_moves_beta_towards_target():

@@ -274,6 +274,13 @@ def test_anti_collapse_penalty_and_score_shaping(stand_ins, tok):
     assert shaped.tolist() == [-1.0, 0.0, 1.0, 2.5]
     assert info == {"env/short_response_frac": 0.25, "env/eos_frac": 0.5}
 
+    trainer = PPOTrainer(config(normalize_scores=True), make_model(stand_ins["llama"]), tok)
+    long_responses = [torch.tensor([5] * 6)] * 4
+    trainer.shape_scores(long_responses, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    shaped, _ = trainer.shape_scores(long_responses, torch.tensor([5.0, 6.0, 7.0, 8.0]))
+    seen = torch.arange(1.0, 9.0)  # normalised by the running moments of all 8 scores
+    torch.testing.assert_close(shaped, (seen[4:] - seen.mean()) / seen.std(unbiased=False))
+
 
 # ---------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
