@@ -1,3 +1,21 @@
-"""marl_utils: helpers for Multi-Adapter RL (one base model as policy, reference and reward model)."""
+"""marl_utils: Multi-Adapter RL, one base model as policy, reference and reward model.
+
+The seed document's API, with `marl_utils` in place of `trl`:
+
+    from marl_utils import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+"""
+
+from .errors import MarlInputError
+from .modeling import AutoModelForCausalLMWithValueHead, ValueHead
 
 __version__ = "0.1.0"
+
+__all__ = ["AutoModelForCausalLMWithValueHead", "ValueHead", "MarlInputError"]
+
+try:  # the PPO trainer lives in its own modules; keep the model importable while they load lazily
+    from .ppo import PPOTrainer
+    from .ppo_config import PPOConfig
+
+    __all__ += ["PPOConfig", "PPOTrainer"]
+except ImportError:  # pragma: no cover - only while the trainer is being developed
+    pass
