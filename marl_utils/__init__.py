@@ -7,15 +7,9 @@ The seed document's API, with `marl_utils` in place of `trl`:
 
 from .errors import MarlInputError
 from .modeling import AutoModelForCausalLMWithValueHead, ValueHead
+from .ppo import PPOTrainer
+from .ppo_config import PPOConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["AutoModelForCausalLMWithValueHead", "ValueHead", "MarlInputError"]
-
-try:  # the PPO trainer lives in its own modules; keep the model importable while they load lazily
-    from .ppo import PPOTrainer
-    from .ppo_config import PPOConfig
-
-    __all__ += ["PPOConfig", "PPOTrainer"]
-except ImportError:  # pragma: no cover - only while the trainer is being developed
-    pass
+__all__ = ["AutoModelForCausalLMWithValueHead", "ValueHead", "PPOConfig", "PPOTrainer", "MarlInputError"]
