@@ -8,10 +8,12 @@ resident set is its own. A layout process measures:
 - param_bytes: the bytes its modules hold (parameters, buffers, bitsandbytes scales), shared storage once;
 - baseline_rss_bytes: its resident set right after the imports (torch + transformers + peft), before any
   model; peak_rss_bytes: its peak resident set over its whole life; model RSS = peak - baseline;
-- train_peak_rss_bytes: the peak during the PPO steps alone (after loading; on-the-fly quantization reads the
-  float32 checkpoint once, which the whole-life peak includes);
+- train_peak_rss_bytes: the peak during the PPO steps alone. Loading on a CPU has its own transient (the
+  quantized layouts read and quantize the float32 checkpoint), which only the whole-life peak holds; the heap
+  that loading frees is handed back to the OS first (glibc `malloc_trim`), the same in every layout;
 - step_seconds: median over `steps` PPO steps (after one warm-up) of generate / score / optimise, from
-  `bench_layouts.timed_ppo_step`, the same code for both layouts.
+  `bench_layouts.timed_ppo_step`, the same code for both layouts; marl_fp32 also times one step of the
+  project's `PPOTrainer` as a cross-check (`ppo_trainer_seconds`).
 
 Peaks come from the kernel's high-water mark (`VmHWM` in /proc/self/status). `getrusage(...).ru_maxrss` is
 not used where /proc exists: a process started from a bigger one inherits that one's peak in ru_maxrss.
@@ -34,12 +36,12 @@ from pathlib import Path
 from .atomic import atomic_write_json
 from .errors import MarlInputError
 
-LAYOUTS = ("marl_fp32", "marl_8bit", "marl_4bit", "separate_fp32", "separate_8bit", "separate_4bit")
+LAYOUTS = ("marl_fp32", "separate_fp32", "marl_8bit", "separate_8bit", "marl_4bit", "separate_4bit")
 DEFAULT_LAYOUTS = {
     "tiny": LAYOUTS,
     # On a CPU the separate 8/4-bit layouts quantize four copies and run 4-bit backward slowly: minutes more.
     # Ask for them with run_bench(..., layouts=LAYOUTS).
-    "mid": ("marl_fp32", "marl_8bit", "marl_4bit", "separate_fp32"),
+    "mid": ("marl_fp32", "separate_fp32", "marl_8bit", "marl_4bit"),
 }
 CHECKS = [  # (name, numerator, denominator, key, limit): the acceptance of issue 6
     ("MARL param bytes / separate", "marl_fp32", "separate_fp32", "param_bytes", 0.30),
@@ -82,6 +84,20 @@ def peak_rss_bytes() -> int:
     return maxrss if sys.platform == "darwin" else maxrss * 1024
 
 
+def return_free_heap() -> None:
+    """Hand memory freed by loading back to the OS (glibc keeps freed heap otherwise; a no-op elsewhere).
+
+    On-the-fly quantization frees about the float32 model's size in temporaries; without this they would
+    stay in the resident set of a quantized layout for the whole run although nothing uses them.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak_rss() -> bool:
     """Restart the high-water mark at the current resident set (Linux: `5` into /proc/self/clear_refs)."""
     try:
@@ -119,6 +135,7 @@ def measure_layout(layout: str, precision: str, inputs: dict, steps: int, new_to
     start = time.perf_counter()
     model = bl.load_layout(layout, precision, inputs)
     load_seconds = time.perf_counter() - start
+    return_free_heap()  # the same for every layout: what stays resident after loading is what the model uses
     after_load, load_peak = rss_bytes(), peak_rss_bytes()
     can_reset = reset_peak_rss()
 
@@ -137,7 +154,7 @@ def measure_layout(layout: str, precision: str, inputs: dict, steps: int, new_to
     modules = list(model.modules().values())
     total, quantized, adapters = bl.resident_bytes(*modules), bl.quantized_bytes(*modules), bl.adapter_bytes(*modules)
     trainer_seconds = None
-    if layout == "marl" and cross_check:  # after every memory figure is taken: the cross-check must not move the peaks
+    if layout == "marl" and precision == "fp32" and cross_check:  # after the memory figures: they must not move
         trainer_seconds = _trainer_cross_check(model, inputs, new_tokens)
     return {
         "layout": layout, "precision": precision,
@@ -213,7 +230,8 @@ def _run_layout_process(name: str, inputs_file: Path, steps: int, new_tokens: in
         result_file = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "marl_utils.bench", "--layout", layout, "--precision", precision,
                    "--inputs", str(inputs_file), "--steps", str(steps), "--new-tokens", str(new_tokens),
-                   "--threads", str(threads), "--result", str(result_file)] + ([] if cross_check else ["--no-cross-check"])
+                   "--threads", str(threads), "--result", str(result_file)]
+        command += [] if cross_check else ["--no-cross-check"]
         package_root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
@@ -221,6 +239,11 @@ def _run_layout_process(name: str, inputs_file: Path, steps: int, new_tokens: in
         if done.returncode != 0 or not result_file.exists():
             raise RuntimeError(f"bench layout {name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         return json.loads(result_file.read_text())
+
+
+def _ordered(layouts: dict) -> list:
+    """Layout names in `LAYOUTS` order (the json is written with sorted keys)."""
+    return sorted(layouts, key=lambda name: LAYOUTS.index(name) if name in LAYOUTS else len(LAYOUTS))
 
 
 def _ratio(layouts: dict, num: str, den: str, key: str):
@@ -253,7 +276,7 @@ def summarise(layouts: dict) -> tuple[dict, dict]:
 
 def format_table(summary: dict) -> str:
     """The printed table: MB, ratios against separate_fp32 and marl_fp32, seconds per step."""
-    layouts = summary["layouts"]
+    layouts = {name: summary["layouts"][name] for name in _ordered(summary["layouts"])}
     head = (f"{'layout':<14}{'params MB':>10}{'x sep':>7}{'x marl':>7}{'peak RSS':>10}{'model RSS':>10}"
             f"{'x sep':>7}{'train RSS':>10}{'gen s':>8}{'score s':>8}{'opt s':>8}{'step s':>8}")
     lines = [head, "-" * len(head)]
@@ -278,7 +301,7 @@ def format_table(summary: dict) -> str:
                          f"{cross['score']:.2f} s, step {cross['step']:.2f} s")
         elif cross:
             lines.append(f"PPOTrainer on {name}: not timed ({cross['error']})")
-    for label, check in summary["checks"].items():
+    for label, check in sorted(summary["checks"].items(), key=lambda item: [c[0] for c in CHECKS].index(item[0])):
         lines.append(f"{'ok  ' if check['ok'] else 'FAIL'} {label}: {check['ratio']:.3f} (<= {check['limit']})")
     return "\n".join(lines)
 
@@ -289,15 +312,21 @@ def plot_bench(summary: dict, save_to) -> None:
     from matplotlib.figure import Figure
 
     layouts = summary["layouts"]
-    names = list(layouts)
+    names = _ordered(layouts)
     fig = Figure(figsize=(max(8, 1.9 * len(names)), 3.8))
     FigureCanvasAgg(fig)  # a headless canvas: no pyplot, no GUI backend, safe inside notebooks too
     mem, time_ax = fig.subplots(1, 2)
     xs = range(len(names))
-    bars = [("param bytes", "param_bytes", -0.2), ("model RSS (peak - baseline)", "model_rss_bytes", 0.2)]
-    for label, key, shift in bars:
-        values = [(layouts[n][key] or 0) / MB for n in names]
-        drawn = mem.bar([x + shift for x in xs], values, width=0.4, label=label)
+    def during_steps(row):
+        train = row.get("train_peak_rss_bytes")
+        return train - row["baseline_rss_bytes"] if train and row["baseline_rss_bytes"] else 0
+
+    bars = [("param bytes", lambda row: row["param_bytes"]),
+            ("model RSS: peak - baseline", lambda row: row["model_rss_bytes"] or 0),
+            ("model RSS during the PPO steps", during_steps)]
+    for i, (label, value) in enumerate(bars):
+        drawn = mem.bar([x + (i - 1) * 0.28 for x in xs], [value(layouts[n]) / MB for n in names], width=0.28,
+                        label=label)
         mem.bar_label(drawn, fmt="%.0f", fontsize=7)
     mem.set_xticks(list(xs), names, rotation=25, ha="right")
     mem.set_ylabel("MB")
@@ -324,9 +353,11 @@ def run_bench(profile, output_dir=None, base_size: str = "mid", steps: int = 3, 
               new_tokens: int = 16, threads: int | None = None, cross_check: bool = True, jobs: int = 1) -> dict:
     """Measure every layout in its own process; write OUT/bench.json and OUT/plots/bench.png; return the json.
 
-    `layouts`: a subset of `LAYOUTS` (default `DEFAULT_LAYOUTS[base_size]`). `threads`: torch threads per layout process (default:
-    $MARL_BENCH_THREADS, else torch's default). `cross_check`: also time `PPOTrainer` on the MARL layouts.
-    `jobs`: layout processes run at once; keep 1 for timings (more only to get memory figures sooner). Weights are random (see `bench_layouts.RANDOM_WEIGHTS_NOTE`).
+    `layouts`: a subset of `LAYOUTS` (default `DEFAULT_LAYOUTS[base_size]`). `threads`: torch threads per layout
+    process (default: $MARL_BENCH_THREADS, else torch's default; 1 gives steadier times on a busy machine).
+    `cross_check`: also time one `PPOTrainer` step on marl_fp32.
+    `jobs`: layout processes run at once; keep 1 for timings (more only gets memory figures sooner).
+    Weights are random (see `bench_layouts.RANDOM_WEIGHTS_NOTE`).
     """
     from .bench_layouts import BASE_SIZES, RANDOM_WEIGHTS_NOTE, prepare_bench_models
     from .runs import default_output_dir, prepare_run_dir
@@ -334,7 +365,7 @@ def run_bench(profile, output_dir=None, base_size: str = "mid", steps: int = 3, 
     if base_size not in BASE_SIZES:
         raise MarlInputError(f"base_size={base_size!r} is not known; use one of {sorted(BASE_SIZES)}")
     if not isinstance(steps, int) or steps < 1:
-        raise MarlInputError(f"steps={steps!r}: the bench needs at least 1 timed step (plus one warm-up); use --steps 3")
+        raise MarlInputError(f"steps={steps!r}: the bench needs at least 1 timed step (plus a warm-up); use --steps 3")
     for name, value in (("batch", batch), ("new_tokens", new_tokens), ("jobs", jobs)):
         if not isinstance(value, int) or value < 1:
             raise MarlInputError(f"{name}={value!r} must be a positive integer")

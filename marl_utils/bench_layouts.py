@@ -100,7 +100,8 @@ def prepare_bench_models(bench_dir, base_size: str, lora: dict, batch: int = 8, 
     sizes = BASE_SIZES[base_size]
     bench_dir = Path(bench_dir)
     base_dir = bench_dir / f"base-{base_size}"
-    adapter_dir, merged_dir = bench_dir / f"base-{base_size}-reward-adapter", bench_dir / f"base-{base_size}-reward-merged"
+    adapter_dir = bench_dir / f"base-{base_size}-reward-adapter"
+    merged_dir = bench_dir / f"base-{base_size}-reward-merged"
     spec_file = base_dir / SPEC_FILE
     reviews = load_imdb()
     if not spec_file.exists() or json.loads(spec_file.read_text()) != {"sizes": sizes, "seed": seed}:
@@ -182,8 +183,11 @@ def quantized_bytes(*modules) -> int:
 
 def adapter_bytes(*modules) -> int:
     """Bytes of the LoRA matrices and the small heads (value heads, score heads): what is not base weight."""
-    tensors = [p for module in modules for name, p in module.named_parameters()
-               if "lora_" in name or name.startswith(("v_heads.", "reward_head.")) or name.split(".")[-2:-1] == ["score"]]
+    def is_adapter_or_head(name: str) -> bool:
+        return "lora_" in name or name.startswith(("v_heads.", "reward_head.")) or name.endswith(("score.weight",
+                                                                                                  "score.bias"))
+
+    tensors = [p for module in modules for name, p in module.named_parameters() if is_adapter_or_head(name)]
     return storage_bytes(tensors)
 
 
