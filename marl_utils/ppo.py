@@ -10,7 +10,7 @@ The step reads top to bottom like CleanRL's `ppo.py`:
         # 3. GAE advantages and returns, advantages whitened over the batch's response tokens
         # 4. ppo_epochs over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss
         # 5. KL controller update, statistics (masked means only)
-    trainer.log_stats(stats, batch, scores)
+    trainer.log_stats(stats, batch, scores)         # -> trainer.history
 
 `train()` loops that with a progress bar, evaluation and checkpoints. Every forward pass runs with the
 model in eval mode: dropout (in the base, the LoRA layers and the value head) would make the training
@@ -30,9 +30,9 @@ import torch
 
 from .errors import MarlInputError
 from .ppo_config import PPOConfig
-from .ppo_core import (AdaptiveKLController, FixedKLController, RunningMoments, build_rollout_batch, compute_gae, compute_rewards,
-                       cut_after_eos, distinct_n, entropy_from_logits, explained_variance, kl_penalty, left_pad,
-                       logprobs_from_logits, masked_mean, masked_whiten, policy_loss, value_loss)
+from .ppo_core import (AdaptiveKLController, FixedKLController, RunningMoments, build_rollout_batch, compute_gae,
+                       compute_rewards, cut_after_eos, distinct_n, entropy_from_logits, explained_variance, kl_penalty,
+                       left_pad, logprobs_from_logits, masked_mean, masked_whiten, policy_loss, value_loss)
 
 # Sampling settings that change the distribution tokens are drawn from, so that it is no longer the policy
 # whose logprobs PPO uses: the KL estimate becomes biased (often negative) and the ratio is off.
@@ -307,7 +307,7 @@ class PPOTrainer:
                     group_tokens = mask[group].sum().clamp(min=1)
                     for rows in group.split(cfg.mini_batch_size):
                         with accelerator.accumulate(self.policy):
-                            new_logprobs, new_values, logits = self._forward(self.policy, batch, rows)
+                            new_logprobs, new_values, _ = self._forward(self.policy, batch, rows)
                             m = mask[rows]
                             pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[rows], advantages[rows], m,
                                                             cfg.cliprange)
