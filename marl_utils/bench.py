@@ -313,7 +313,7 @@ def plot_bench(summary: dict, save_to) -> None:
 
     layouts = summary["layouts"]
     names = _ordered(layouts)
-    fig = Figure(figsize=(max(8, 1.9 * len(names)), 3.8))
+    fig = Figure(figsize=(max(9, 2.2 * len(names)), 4.0))
     FigureCanvasAgg(fig)  # a headless canvas: no pyplot, no GUI backend, safe inside notebooks too
     mem, time_ax = fig.subplots(1, 2)
     xs = range(len(names))
@@ -324,14 +324,17 @@ def plot_bench(summary: dict, save_to) -> None:
     bars = [("param bytes", lambda row: row["param_bytes"]),
             ("model RSS: peak - baseline", lambda row: row["model_rss_bytes"] or 0),
             ("model RSS during the PPO steps", during_steps)]
+    tallest = 0.0
     for i, (label, value) in enumerate(bars):
-        drawn = mem.bar([x + (i - 1) * 0.28 for x in xs], [value(layouts[n]) / MB for n in names], width=0.28,
-                        label=label)
+        heights = [value(layouts[n]) / MB for n in names]
+        drawn = mem.bar([x + (i - 1) * 0.28 for x in xs], heights, width=0.28, label=label)
         mem.bar_label(drawn, fmt="%.0f", fontsize=7)
+        tallest = max(tallest, *heights)
+    mem.set_ylim(0, tallest * 1.35)  # room for the legend above the bars
     mem.set_xticks(list(xs), names, rotation=25, ha="right")
     mem.set_ylabel("MB")
     mem.set_title(f"memory, base '{summary['base_size']}' ({summary['base_params'] / 1e6:.1f}M params)")
-    mem.legend(fontsize=8)
+    mem.legend(fontsize=7, loc="upper right")
     bottom = [0.0] * len(names)
     for part in STEP_PARTS:
         values = [layouts[n]["step_seconds"][part] for n in names]
@@ -339,7 +342,8 @@ def plot_bench(summary: dict, save_to) -> None:
         bottom = [b + v for b, v in zip(bottom, values)]
     time_ax.set_xticks(list(xs), names, rotation=25, ha="right")
     time_ax.set_ylabel("seconds per PPO step")
-    time_ax.set_title(f"time, {summary['threads']} thread(s), batch {summary['batch']}")
+    time_ax.set_title(f"time: {summary['threads']} thread(s), batch {summary['batch']}, "
+                      f"{summary['new_tokens']} new tokens")
     time_ax.legend(fontsize=8)
     fig.tight_layout()
     save_to = Path(save_to)
