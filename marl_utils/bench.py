@@ -317,6 +317,7 @@ def plot_bench(summary: dict, save_to) -> None:
     FigureCanvasAgg(fig)  # a headless canvas: no pyplot, no GUI backend, safe inside notebooks too
     mem, time_ax = fig.subplots(1, 2)
     xs = range(len(names))
+
     def during_steps(row):
         train = row.get("train_peak_rss_bytes")
         return train - row["baseline_rss_bytes"] if train and row["baseline_rss_bytes"] else 0
@@ -363,7 +364,7 @@ def run_bench(profile, output_dir=None, base_size: str = "mid", steps: int = 3, 
     `jobs`: layout processes run at once; keep 1 for timings (more only gets memory figures sooner).
     Weights are random (see `bench_layouts.RANDOM_WEIGHTS_NOTE`).
     """
-    from .bench_layouts import BASE_SIZES, RANDOM_WEIGHTS_NOTE, prepare_bench_models
+    from .bench_layouts import BASE_SIZES, QUANTIZED_NOTE, RANDOM_WEIGHTS_NOTE, prepare_bench_models
     from .runs import default_output_dir, prepare_run_dir
 
     if base_size not in BASE_SIZES:
@@ -404,7 +405,7 @@ def run_bench(profile, output_dir=None, base_size: str = "mid", steps: int = 3, 
     first = next(iter(results.values()))
     summary = {
         "base_size": base_size, "base_params": inputs["base_params"], "base_sizes": inputs["sizes"],
-        "note": RANDOM_WEIGHTS_NOTE, "steps": steps, "batch": len(inputs["prompts"]), "new_tokens": new_tokens,
+        "note": RANDOM_WEIGHTS_NOTE, "quantized_note": QUANTIZED_NOTE, "steps": steps, "batch": len(inputs["prompts"]), "new_tokens": new_tokens,
         "threads": first["threads"], "jobs": jobs, "step_parts": STEP_PARTS, "layouts": results, "ratios": ratios,
         "checks": checks, "command": f"marl bench --base-size {base_size} --steps {steps}",
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},

@@ -44,6 +44,8 @@ BASE_SIZES = {
     "mid": dict(vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=10,
                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256),
 }
+QUANTIZED_NOTE = ("8/4-bit layouts: the seed's load_in_8bit/load_in_4bit on the linear layers; embeddings and norms "
+                  "(never quantized by bitsandbytes) in bfloat16, as real checkpoints ship; adapters and heads float32")
 RANDOM_WEIGHTS_NOTE = ("random weights (base, policy and reward adapters): the bench measures memory and time, "
                        "not quality")
 
