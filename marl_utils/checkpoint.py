@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,8 @@ def save_checkpoint(trainer, checkpoints_dir) -> Path:
                 "policy_adapter_name": trainer.policy_adapter_name,
                 "policy_adapter_names": list(trainer.model.policy_adapter_names),
                 "num_processes": accelerator.num_processes}
+        for stray in [*root.glob(f".{final.name}.tmp-*"), *root.glob(f".{final.name}.old-*")]:
+            shutil.rmtree(stray, ignore_errors=True)  # left by a process killed while it saved this same step
         with atomic_dir(final) as tmp:
             trainer.model.save_pretrained(tmp / MODEL_DIR)
             torch.save(state, tmp / STATE_FILE)
@@ -132,7 +135,38 @@ def _read_checkpoint(folder: Path, trainer):
     if state.get("format") != FORMAT or state.get("step_count") != info["step"]:
         raise MarlInputError(f"{folder / STATE_FILE} does not belong to {folder / INFO_FILE}; the checkpoint is "
                              "inconsistent: delete it and resume from an earlier one")
+    _check_fits(folder, trainer, info, adapters, heads)
     return info, state, adapters, heads
+
+
+def _check_fits(folder: Path, trainer, info: dict, adapters: dict, heads: dict) -> None:
+    """Same trained adapter, same LoRA tensors and value heads as this model, or an error before anything loads.
+
+    peft and torch load matching tensors one by one and only then complain, so a checkpoint of another LoRA
+    config (other target modules, rank) would leave the model half overwritten; hence compare first.
+    """
+    from peft import get_peft_model_state_dict
+
+    if info.get("policy_adapter_name") != trainer.policy_adapter_name:
+        raise MarlInputError(f"{folder} trained the policy adapter {info.get('policy_adapter_name')!r}, this trainer "
+                             f"trains {trainer.policy_adapter_name!r}; its optimizer state belongs to the other one. "
+                             "Resume with the same adapter active (model.set_policy_adapter)")
+    model = trainer.model
+    expected = {name: get_peft_model_state_dict(model.pretrained_model, adapter_name=name) for name in adapters}
+    expected["value heads"] = model.v_heads.state_dict()
+    short = lambda key: key.removeprefix("base_model.model.")  # noqa: E731 - peft's prefix on every key
+    problems = []
+    for name, saved in [*adapters.items(), ("value heads", heads)]:
+        mine = expected[name]
+        if name != "value heads":  # the model may carry value heads of adapters the checkpoint does not hold
+            problems += [f"{name}: {short(k)} is missing from the checkpoint" for k in sorted(set(mine) - set(saved))]
+        problems += [f"{name}: {short(k)} is not in this model" for k in sorted(set(saved) - set(mine))]
+        problems += [f"{name}: {short(k)} is {list(saved[k].shape)} there, {list(mine[k].shape)} here"
+                     for k in sorted(set(saved) & set(mine)) if saved[k].shape != mine[k].shape]
+    if problems:
+        listed = "; ".join(problems[:2]) + (f"; ... ({len(problems)} in all)" if len(problems) > 2 else "")
+        raise MarlInputError(f"checkpoint {folder} does not fit this model ({listed}); resume with the same base "
+                             "model and LoRA config (r, target_modules) that wrote it")
 
 
 def load_checkpoint(trainer, path) -> Path:

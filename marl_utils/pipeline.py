@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_dir, atomic_write_json
-from .profiles import Profile
+from .errors import MarlInputError
+from .profiles import TINY_BASE, Profile
 from .runs import prepare_run_dir, read_metrics, stage_dir
 
 
@@ -48,6 +49,37 @@ def ppo_config(profile: Profile, seed: int = 0, steps: int | None = None):
         init_kl_coef=profile.ppo_init_kl_coef,
         max_new_tokens=profile.ppo_max_new_tokens,
     )
+
+
+def context_size(profile: Profile, out: Path) -> int | None:
+    """The base's context length when it can be read without loading weights or going online, else None."""
+    sft = stage_dir(out, "sft")
+    if not (sft / "config.json").exists() and profile.base_model == TINY_BASE:
+        return profile.tiny_model.get("max_position_embeddings")  # the tiny base is built with these sizes
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(sft if (sft / "config.json").exists() else profile.base_model,
+                                            local_files_only=True)
+    except (OSError, ValueError):  # not cached yet: build_ppo_parts checks the prompts again once it has the model
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_ppo_settings(profile: Profile, out: Path, seed: int = 0, steps: int | None = None) -> None:
+    """Reject PPO sizes that cannot work before stages 1-2 train, not after them."""
+    try:
+        ppo_config(profile, seed, steps)  # PPOConfig checks batch vs minibatch sizes and every other number
+    except MarlInputError as err:
+        raise MarlInputError(f"profile {profile.name!r}: {err} (the profile's ppo_* fields)") from None
+    lo, hi = profile.ppo_prompt_tokens
+    if lo < 1 or hi < lo:
+        raise MarlInputError(f"ppo_prompt_tokens=({lo}, {hi}) is invalid; need 1 <= min <= max")
+    context = context_size(profile, out)
+    if context is not None and hi + profile.ppo_max_new_tokens > context:
+        raise MarlInputError(f"prompts of up to {hi} tokens plus {profile.ppo_max_new_tokens} new tokens do not fit "
+                             f"the model's context of {context} tokens; lower the profile's ppo_prompt_tokens or "
+                             "ppo_max_new_tokens")
 
 
 def ensure_earlier_stages(profile: Profile, out: Path, dataset=None, seed: int = 0, progress: bool = True):
@@ -100,6 +132,7 @@ def train_ppo(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0,
         print(f"stage 3 (PPO) already done: {final}")
         metrics = read_metrics(final)
         return PPOResult(final, metrics, metrics.get("history", []))
+    check_ppo_settings(profile, out, seed, steps)
     ensure_earlier_stages(profile, out, dataset, seed, progress)
 
     start = time.perf_counter()
@@ -160,6 +193,7 @@ def run_pipeline(profile: Profile, output_dir=None, dataset=None, *, seed: int =
     from .sft import train_sft
 
     out = prepare_run_dir(output_dir, profile)
+    check_ppo_settings(profile, out, seed, steps)
     if dataset:
         from .data import load_imdb
 

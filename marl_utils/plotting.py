@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from pathlib import Path
+
+
+def _save(fig, save_to) -> None:
+    """Write a PNG under a temporary name, then rename: a killed run leaves the old plot or the new, never half."""
+    path = Path(save_to)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)  # the format follows the suffix, which the temporary name keeps
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _plt():
@@ -56,8 +74,7 @@ def plot_curves(history: list[dict], keys, *, x_key: str | None = None, titles=N
         fig.suptitle(suptitle)
     fig.tight_layout()
     if save_to:
-        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save_to, dpi=110)
+        _save(fig, save_to)
     return fig
 
 
@@ -76,8 +93,7 @@ def plot_score_histograms(pos_scores, neg_scores, *, title="reward scores of hel
     ax.legend()
     fig.tight_layout()
     if save_to:
-        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save_to, dpi=110)
+        _save(fig, save_to)
     return fig
 
 
@@ -94,6 +110,5 @@ def plot_bars(labels, values, *, ylabel: str, title: str, save_to=None, fmt="{:.
                     va="bottom", fontsize=8)
     fig.tight_layout()
     if save_to:
-        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save_to, dpi=110)
+        _save(fig, save_to)
     return fig

@@ -163,6 +163,8 @@ class PPOTrainer:
         queries = [query_tensors] if single else list(query_tensors)
         _check_token_lists(queries, "query_tensors")
         kwargs = self._generation_kwargs(gen_kwargs)
+        longest = max(map(len, queries), default=0)
+        self._check_context(longest + (kwargs.get("max_new_tokens") or 0), "a prompt plus max_new_tokens")
         self._activate_policy()
         outputs = []
         with eval_mode(self.model):
@@ -210,6 +212,14 @@ class PPOTrainer:
             logprobs, _, _ = self._forward(reference, batch, rows, with_values=False)
         return logprobs
 
+    def _check_context(self, length: int, what: str) -> None:
+        # Past its context a learned-position model (GPT-2) fails with a bare IndexError; say why instead.
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(context, int) and length > context:
+            raise MarlInputError(f"{what} is {length} tokens, longer than the model's context of {context} tokens; "
+                                 "use shorter prompts (load_prompts(max_tokens=...)) or a smaller "
+                                 "PPOConfig.max_new_tokens")
+
     # ------------------------------------------------------------------------------------------ PPO step
     def _check_step_inputs(self, queries, responses, scores) -> torch.Tensor:
         batch_size = self.config.batch_size
@@ -228,6 +238,7 @@ class PPOTrainer:
                                  f"scores; each must be a list of PPOConfig.batch_size={batch_size}")
         _check_token_lists(queries, "queries")
         _check_token_lists(responses, "responses")
+        self._check_context(max(len(q) + len(r) for q, r in zip(queries, responses)), "a query plus its response")
         values = []
         for i, score in enumerate(scores):
             if torch.is_tensor(score) and score.numel() != 1:

@@ -56,7 +56,13 @@ def load_tokenizer(name_or_path: str):
     """Load a tokenizer and make sure it has a pad token distinct from EOS (PPO masks need it)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:  # a typo'd folder, an unknown hub id, or the hub offline
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MarlInputError(f"cannot load the base model {name_or_path!r} ({first_line}); pass a local model "
+                             "folder, or a hub id that is cached or reachable (HF_HUB_OFFLINE must be unset to "
+                             "download)") from None
     if tokenizer.eos_token is None:
         raise MarlInputError(f"tokenizer of {name_or_path} has no eos token; set tokenizer.eos_token first")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:

@@ -1,0 +1,82 @@
+"""Data-parallel PPO on CPU, one process per rank: what test_distributed launches with torchrun (gloo).
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_ppo_worker.py \
+        BASE REWARD_ADAPTER OUT [--steps 3]
+
+Each rank trains on its own shard of the prompts (every world_size-th one) through `PPOTrainer.train`,
+then writes:
+    OUT/rank{r}/           its policy adapter and value head (model.save_pretrained)
+    OUT/rank{r}.json       the queries it generated for, its responses and local scores per step, the
+                           statistics it logged, and digests of its policy adapter and value head
+    OUT/run/checkpoints/   the checkpoint at the end of training (written by rank 0 alone)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from ppo_worker import build_trainer, prompts
+
+
+def digest(tensors: dict) -> str:
+    """sha256 over names and bytes of the tensors: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def policy_digests(model) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return {"policy_adapter": digest(get_peft_model_state_dict(model.pretrained_model, adapter_name="default")),
+            "value_head": digest(model.v_head.state_dict())}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base")
+    parser.add_argument("reward_adapter")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    trainer = build_trainer(args.base, args.reward_adapter, steps=args.steps, save_every=0)
+    rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+    shard = prompts(trainer.tokenizer)[rank::world]  # batch_size of them: every step uses the whole shard
+    before = policy_digests(trainer.model)
+
+    rollouts = []  # what this rank generated and scored, step by step
+    generate, score = trainer.generate, trainer.score
+
+    def generate_and_record(queries, **kwargs):
+        responses = generate(queries, **kwargs)
+        rollouts.append({"queries": [q.tolist() for q in queries], "responses": [r.tolist() for r in responses]})
+        return responses
+
+    def score_and_record(queries, responses):
+        scores = score(queries, responses)
+        rollouts[-1]["score_mean"] = scores.mean().item()
+        return scores
+
+    trainer.generate, trainer.score = generate_and_record, score_and_record
+    trainer.train(shard, output_dir=args.out / "run", progress=False)
+
+    trainer.model.save_pretrained(args.out / f"rank{rank}")
+    report = {
+        "rank": rank, "world_size": world, "policy_wrapper": type(trainer.policy).__name__,
+        "shard": [q.tolist() for q in shard], "rollouts": rollouts,
+        "history": [{k: v for k, v in entry.items() if not k.startswith("time/")} for entry in trainer.history],
+        "before": before, "after": policy_digests(trainer.model),
+    }
+    (args.out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

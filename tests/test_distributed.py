@@ -1,0 +1,78 @@
+"""Data-parallel PPO: the same PPOTrainer under `torchrun --nproc_per_node 2` on CPU (gloo).
+
+Each rank generates on its own shard of the prompts, gradients are averaged (so the replicas stay
+bit-identical although they trained on different rollouts), statistics are averaged over ranks, and rank 0
+alone writes the checkpoint. The worker is `tests/dist_ppo_worker.py`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from stand_ins import make_reward_adapter, make_tiny_llama
+
+from marl_utils.checkpoint import latest_checkpoint
+
+WORKER = Path(__file__).with_name("dist_ppo_worker.py")
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Build the stand-ins once, before launching, then run the 2-process job; returns (out, [rank0, rank1])."""
+    root = tmp_path_factory.mktemp("ddp")
+    base = make_tiny_llama(root / "base")
+    adapter = make_reward_adapter(base, root / "reward_adapter")
+    out = root / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+           str(base), str(adapter), str(out), "--steps", str(STEPS)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_ranks_with_ddp(ranks):
+    _, (rank0, rank1) = ranks
+    assert (rank0["rank"], rank1["rank"]) == (0, 1)
+    assert rank0["world_size"] == 2 and rank0["policy_wrapper"] == "DistributedDataParallel"
+
+
+def test_each_rank_generates_on_its_own_shard(ranks):
+    _, reports = ranks
+    shards = [{tuple(q) for q in r["shard"]} for r in reports]
+    assert shards[0] and not shards[0] & shards[1]
+    for report, shard in zip(reports, shards):
+        assert len(report["rollouts"]) == STEPS
+        assert all({tuple(q) for q in step["queries"]} == shard for step in report["rollouts"])
+    assert reports[0]["rollouts"][0]["responses"] != reports[1]["rollouts"][0]["responses"]
+
+
+def test_statistics_are_averaged_over_ranks(ranks):
+    _, (rank0, rank1) = ranks
+    assert rank0["history"] == rank1["history"] and [h["step"] for h in rank0["history"]] == [1, 2, 3]
+    for entry, local0, local1 in zip(rank0["history"], rank0["rollouts"], rank1["rollouts"]):
+        assert local0["score_mean"] != local1["score_mean"]
+        assert entry["env/score_mean"] == pytest.approx((local0["score_mean"] + local1["score_mean"]) / 2, abs=1e-6)
+
+
+def test_policy_adapter_and_value_head_identical_on_every_rank_and_trained(ranks):
+    out, (rank0, rank1) = ranks
+    assert rank0["before"] == rank1["before"]
+    assert rank0["after"] == rank1["after"]  # different rollouts, same weights: gradients were averaged
+    assert rank0["after"]["policy_adapter"] != rank0["before"]["policy_adapter"]
+    assert rank0["after"]["value_head"] != rank0["before"]["value_head"]
+
+    checkpoint = latest_checkpoint(out / "run")
+    assert checkpoint.name == f"step-{STEPS:06d}"
+    assert json.loads((checkpoint / "checkpoint.json").read_text())["num_processes"] == 2
+    for name in ["adapter_model.safetensors", "value_heads.safetensors"]:
+        saved = [load_file(folder / name) for folder in (out / "rank0", out / "rank1", checkpoint / "model")]
+        assert saved[0].keys() == saved[1].keys() == saved[2].keys() and saved[0]
+        for key in saved[0]:
+            assert saved[0][key].equal(saved[1][key]) and saved[0][key].equal(saved[2][key]), key

@@ -1,0 +1,213 @@
+"""Fault tolerance: a PPO run killed with SIGKILL resumes to the result of an uninterrupted run, and an
+interrupted save of any stage leaves no partial folder behind.
+
+The killed runs are real processes (`tests/ppo_worker.py`), killed where a learner's kernel dies: at a
+seeded random moment ($MARL_KILL_SEED, default 0), and in the middle of a checkpoint write.
+"""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import ppo_worker
+from stand_ins import make_reward_adapter, make_tiny_llama
+
+from marl_utils.checkpoint import latest_checkpoint, load_checkpoint
+from marl_utils.modeling import AutoModelForCausalLMWithValueHead
+from marl_utils.profiles import PROFILES
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+WORKER = Path(__file__).with_name("ppo_worker.py")
+STEPS = 6
+KILL_SEED = int(os.environ.get("MARL_KILL_SEED", "0"))
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fault_stand_ins")
+    base = make_tiny_llama(root / "base")
+    return base, make_reward_adapter(base, root / "reward_adapter")
+
+
+@pytest.fixture(scope="module")
+def straight(stand_ins):
+    """The same run, never interrupted: where every killed-and-resumed run must end."""
+    trainer = ppo_worker.build_trainer(*stand_ins, steps=STEPS)
+    trainer.train(ppo_worker.prompts(trainer.tokenizer), progress=False)
+    return trainer
+
+
+def start_worker(stand_ins, out, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(WORKER), str(stand_ins[0]), str(stand_ins[1]), str(out), "--steps", str(STEPS),
+           "--save-every", "1", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the worker ended (rc {proc.returncode}) before the test could kill it:\n"
+                                 f"{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the worker made no progress")
+        time.sleep(0.005)
+
+
+def sigkill(proc) -> None:
+    os.kill(proc.pid, signal.SIGKILL)  # no handler, no finally block, no atexit: like a dying kernel
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "the run must die mid-way, not finish"
+
+
+def no_time(history):
+    return [{k: v for k, v in entry.items() if not k.startswith("time/")} for entry in history]
+
+
+def assert_resumes_to_the_straight_run(stand_ins, out, straight):
+    trainer = ppo_worker.build_trainer(*stand_ins, steps=STEPS)
+    trainer.train(ppo_worker.prompts(trainer.tokenizer), output_dir=out, resume=True, progress=False)
+    assert trainer.step_count == STEPS and len(trainer.history) == STEPS
+    assert no_time(trainer.history) == no_time(straight.history)
+    expected = dict(straight.model.named_parameters())
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param, expected[name]), name
+
+    checkpoints = out / "checkpoints"
+    assert latest_checkpoint(out) == checkpoints / f"step-{STEPS:06d}"
+    assert not [p.name for p in checkpoints.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    reloaded = AutoModelForCausalLMWithValueHead.from_pretrained(str(checkpoints / f"step-{STEPS:06d}" / "model"))
+    for mine, saved in zip(trainer.model.trainable_parameters(), reloaded.trainable_parameters()):
+        assert torch.equal(mine, saved)
+    again = ppo_worker.build_trainer(*stand_ins, steps=STEPS)
+    load_checkpoint(again, out)
+    assert again.step_count == STEPS
+
+
+def test_sigkill_at_a_random_moment_then_resume(stand_ins, straight, tmp_path):
+    rng = random.Random(KILL_SEED)
+    after, delay = rng.randint(1, 3), rng.uniform(0.0, 0.4)
+    # 0.25 s after each step: at least three steps (0.75 s) are left when the kill comes, whatever `delay` is
+    proc = start_worker(stand_ins, tmp_path, "--pause", "0.25")
+    wait_for((tmp_path / "checkpoints" / f"step-{after:06d}" / "checkpoint.json").exists, proc)
+    time.sleep(delay)
+    sigkill(proc)
+    killed_at = int(latest_checkpoint(tmp_path).name.split("-")[1])
+    assert after <= killed_at < STEPS, f"seed {KILL_SEED}: killed {delay:.2f}s after checkpoint {after}"
+    assert_resumes_to_the_straight_run(stand_ins, tmp_path, straight)
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(stand_ins, straight, tmp_path):
+    marker = tmp_path / "stalled"
+    out = tmp_path / "run"
+    proc = start_worker(stand_ins, out, "--stall-in-save", "3", "--marker", str(marker))
+    wait_for(marker.exists, proc)
+    sigkill(proc)
+    checkpoints = out / "checkpoints"
+    half_written = [p for p in checkpoints.iterdir() if p.name.startswith(".step-000003.tmp-")]
+    assert half_written and (half_written[0] / "trainer_state.pt").exists(), "killed inside the write of step 3"
+    assert (checkpoints / "latest").read_text().strip() == "step-000002"
+    assert latest_checkpoint(out) == checkpoints / "step-000002"
+    assert_resumes_to_the_straight_run(stand_ins, out, straight)
+
+
+# ---------------------------------------------------------------------------------------------- stage folders
+QUICK = PROFILES["tiny"].replace(
+    sft_max_steps=2, sft_batch_size=8, sft_max_train_examples=32, sft_eval_examples=8, sft_max_length=48,
+    reward_max_steps=2, reward_batch_size=8, reward_train_pairs=16, reward_eval_pairs=8, reward_max_length=48,
+    reward_prefix_tokens=(12,), ppo_steps=1, ppo_batch_size=2, ppo_mini_batch_size=2, ppo_epochs=1,
+    ppo_max_new_tokens=4, ppo_eval_prompts=2, ppo_prompt_tokens=(2, 3),
+    tiny_model=dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128),
+)
+
+
+def leftovers(out: Path) -> list[str]:
+    """Hidden temporary folders/files that an interrupted atomic write would leave."""
+    return [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def interrupt_after(cls, method: str, monkeypatch, when=lambda path: True):
+    """Let `cls.method` write its files, then raise KeyboardInterrupt (Ctrl-C in the middle of a stage's save)."""
+    real = getattr(cls, method)
+
+    def save_then_interrupt(self, path, *args, **kwargs):
+        real(self, path, *args, **kwargs)
+        if when(Path(path)):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cls, method, save_then_interrupt)
+
+
+@pytest.fixture(scope="module")
+def sft_done(tmp_path_factory):
+    from marl_utils.sft import train_sft
+
+    out = tmp_path_factory.mktemp("stages")
+    train_sft(QUICK, out, progress=False)
+    return out
+
+
+def test_interrupted_sft_save_leaves_no_sft_folder(sft_done, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from marl_utils.runs import prepare_run_dir
+    from marl_utils.sft import train_sft
+
+    out = prepare_run_dir(tmp_path / "out", QUICK)
+    shutil.copytree(sft_done / "base", out / "base")  # skip rebuilding the tiny base
+    interrupt_after(PreTrainedModel, "save_pretrained", monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(QUICK, out, progress=False)
+    assert not (out / "sft").exists() and leftovers(out) == []
+
+
+def test_interrupted_reward_and_ppo_saves_leave_no_stage_folder(sft_done, monkeypatch):
+    from peft import PeftModel
+
+    from marl_utils.pipeline import train_ppo
+    from marl_utils.reward import train_reward_adapter
+
+    out = sft_done
+    with monkeypatch.context() as patch:
+        interrupt_after(PeftModel, "save_pretrained", patch)
+        with pytest.raises(KeyboardInterrupt):
+            train_reward_adapter(QUICK, out, progress=False)
+    assert not (out / "reward_adapter").exists() and leftovers(out) == []
+
+    train_reward_adapter(QUICK, out, progress=False)
+    # the stage folder's save, not a PPO checkpoint's (those go to OUT/ppo_checkpoints/)
+    interrupt_after(AutoModelForCausalLMWithValueHead, "save_pretrained", monkeypatch,
+                    when=lambda path: path.name.startswith(".ppo.tmp-"))
+    with pytest.raises(KeyboardInterrupt):
+        train_ppo(QUICK, out, progress=False)
+    assert not (out / "ppo").exists() and leftovers(out) == []
+    assert latest_checkpoint(out / "ppo_checkpoints") is not None  # the run itself was saved before
+
+
+def test_interrupted_plot_keeps_the_previous_png(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from marl_utils.plotting import plot_curves
+
+    png = tmp_path / "plots" / "ppo.png"
+    plot_curves([{"reward": 0.0}, {"reward": 1.0}], ["reward"], save_to=png)
+    before = png.read_bytes()
+    interrupt_after(Figure, "savefig", monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        plot_curves([{"reward": 5.0}], ["reward"], save_to=png)
+    assert png.read_bytes() == before and leftovers(png.parent) == []
