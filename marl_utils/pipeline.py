@@ -157,13 +157,15 @@ def train_ppo(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0,
         "samples_after": after.get("samples", [])[:8],
         "history": trainer.history,
     }
-    with atomic_dir(final) as tmp:
-        trainer.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-    print(f"stage 3 (PPO) done in {metrics['seconds']:.0f}s: eval reward {metrics['eval_reward_before']:.2f} -> "
-          f"{metrics['eval_reward_after']:.2f}, KL {metrics['kl_final']:.2f} nats, "
-          f"{metrics['response_tokens_mean']:.1f} tokens/response -> {final}")
+    if trainer.accelerator.is_main_process:  # under torchrun every process gets here; two writers would collide
+        with atomic_dir(final) as tmp:
+            trainer.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+        print(f"stage 3 (PPO) done in {metrics['seconds']:.0f}s: eval reward {metrics['eval_reward_before']:.2f} -> "
+              f"{metrics['eval_reward_after']:.2f}, KL {metrics['kl_final']:.2f} nats, "
+              f"{metrics['response_tokens_mean']:.1f} tokens/response -> {final}")
+    trainer.accelerator.wait_for_everyone()
     return PPOResult(final, metrics, trainer.history)
 
 

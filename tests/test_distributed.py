@@ -76,3 +76,27 @@ def test_policy_adapter_and_value_head_identical_on_every_rank_and_trained(ranks
         assert saved[0].keys() == saved[1].keys() == saved[2].keys() and saved[0]
         for key in saved[0]:
             assert saved[0][key].equal(saved[1][key]) and saved[0][key].equal(saved[2][key]), key
+
+
+def test_marl_ppo_command_under_torchrun(tmp_path):
+    """What the README tells a multi-GPU user to run, stages 1-2 done: `torchrun ... -m marl_utils ppo`.
+
+    Stand-ins take the place of the stage-1 model and stage-2 adapter; the tiny profile's own PPO sizes run.
+    """
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"profile": "tiny"}))
+    make_reward_adapter(make_tiny_llama(out / "sft"), out / "reward_adapter")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "marl_utils",
+           "ppo", "--profile", "tiny", "--output-dir", str(out), "--steps", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("stage 3 (PPO) done") == 1  # one process writes the stage folder
+    metrics = json.loads((out / "ppo" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and len(metrics["history"]) == 2
+    checkpoint = latest_checkpoint(out / "ppo_checkpoints")
+    assert json.loads((checkpoint / "checkpoint.json").read_text())["num_processes"] == 2
+    final, saved = (load_file(folder / "adapter_model.safetensors") for folder in (out / "ppo", checkpoint / "model"))
+    assert final.keys() == saved.keys() and all(final[k].equal(saved[k]) for k in final)
+    assert sorted(p.name for p in out.iterdir()) == ["ppo", "ppo_checkpoints", "reward_adapter", "run.json", "sft"]
