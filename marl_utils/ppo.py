@@ -75,7 +75,7 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, model, tokenizer, dataset=None, data_collator=None, optimizer=None,
                  ref_model=None):
         from accelerate import Accelerator
-        from accelerate.utils import GradientAccumulationPlugin, set_seed
+        from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
 
         if not isinstance(config, PPOConfig):
             raise MarlInputError(f"config must be a marl_utils.PPOConfig, got {type(config).__name__}")
@@ -97,6 +97,12 @@ class PPOTrainer:
         cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
         self.accelerator = Accelerator(gradient_accumulation_plugin=plugin, log_with=config.log_with,
                                        project_dir=config.logging_dir, cpu=cpu_processes)
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # model and optimizer are prepared apart (the model also serves generate, reference and reward), so
+            # there is no DeepSpeed engine, and backward() would fail after the first rollout
+            raise MarlInputError("PPOTrainer runs data-parallel (DDP), not under DeepSpeed: launch it without a "
+                                 "DeepSpeed config (`accelerate config`: multi-GPU, DeepSpeed no). With LoRA on a "
+                                 "frozen base the state ZeRO-2 would shard is only the adapter, value head and Adam")
         set_seed(config.seed + self.accelerator.process_index)  # each process samples its own rollouts
         self.prompt_generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
 

@@ -295,6 +295,17 @@ def test_batch_not_a_multiple_of_the_minibatch():
         PPOConfig(batch_size=10, mini_batch_size=2, gradient_accumulation_steps=2)
 
 
+def test_deepspeed_launch_is_refused_before_any_rollout(stand_ins, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    # what `accelerate launch` with a DeepSpeed config gives (deepspeed itself is not needed to see the check)
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+    with pytest.raises(MarlInputError, match=r"PPOTrainer runs data-parallel \(DDP\), not under DeepSpeed: launch "
+                                             r"it without a DeepSpeed config"):
+        build_trainer(*stand_ins)
+
+
 @pytest.fixture
 def trainer(stand_ins):
     return build_trainer(*stand_ins)
