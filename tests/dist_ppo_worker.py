@@ -9,6 +9,9 @@ then writes:
     OUT/rank{r}.json       the queries it generated for, its responses and local scores per step, the
                            statistics it logged, and digests of its policy adapter and value head
     OUT/run/checkpoints/   the checkpoint at the end of training (written by rank 0 alone)
+
+With `--notebook-launcher` it starts the two processes itself, with `accelerate.notebook_launcher`, as a
+notebook cell would (nothing that touches a device or imports bitsandbytes runs before the launch).
 """
 
 from __future__ import annotations
@@ -38,14 +41,8 @@ def policy_digests(model) -> dict:
             "value_head": digest(model.v_head.state_dict())}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("base")
-    parser.add_argument("reward_adapter")
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args(argv)
-
+def train_and_report(args) -> None:
+    """The body every rank runs: train on this rank's shard, then write its report and its saved policy."""
     torch.set_num_threads(1)
     trainer = build_trainer(args.base, args.reward_adapter, steps=args.steps, save_every=0)
     rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
@@ -76,6 +73,22 @@ def main(argv=None) -> None:
         "before": before, "after": policy_digests(trainer.model),
     }
     (args.out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base")
+    parser.add_argument("reward_adapter")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--notebook-launcher", action="store_true", help="start 2 processes with notebook_launcher")
+    args = parser.parse_args(argv)
+    if args.notebook_launcher:
+        from accelerate import notebook_launcher
+
+        notebook_launcher(train_and_report, args=(args,), num_processes=2)
+    else:
+        train_and_report(args)
 
 
 if __name__ == "__main__":

@@ -21,20 +21,29 @@ WORKER = Path(__file__).with_name("dist_ppo_worker.py")
 STEPS = 3
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """Build the stand-ins once, before launching, then run the 2-process job; returns (out, [rank0, rank1])."""
-    root = tmp_path_factory.mktemp("ddp")
+def stand_ins(tmp_path_factory):
+    """Built once, before any launch: the processes only read them."""
+    root = tmp_path_factory.mktemp("ddp_stand_ins")
     base = make_tiny_llama(root / "base")
-    adapter = make_reward_adapter(base, root / "reward_adapter")
-    out = root / "out"
-    out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(base), str(adapter), str(out), "--steps", str(STEPS)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return base, make_reward_adapter(base, root / "reward_adapter")
+
+
+def launch(cmd, out):
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def ranks(stand_ins, tmp_path_factory):
+    """torchrun with 2 processes on the worker; returns (out, [rank0 report, rank1 report])."""
+    out = tmp_path_factory.mktemp("ddp_out")
+    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   str(WORKER), *map(str, stand_ins), str(out), "--steps", str(STEPS)], out)
 
 
 def test_two_ranks_with_ddp(ranks):
@@ -87,10 +96,9 @@ def test_marl_ppo_command_under_torchrun(tmp_path):
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"profile": "tiny"}))
     make_reward_adapter(make_tiny_llama(out / "sft"), out / "reward_adapter")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "marl_utils",
            "ppo", "--profile", "tiny", "--output-dir", str(out), "--steps", "2"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("stage 3 (PPO) done") == 1  # one process writes the stage folder
     metrics = json.loads((out / "ppo" / "metrics.json").read_text())
@@ -100,3 +108,12 @@ def test_marl_ppo_command_under_torchrun(tmp_path):
     final, saved = (load_file(folder / "adapter_model.safetensors") for folder in (out / "ppo", checkpoint / "model"))
     assert final.keys() == saved.keys() and all(final[k].equal(saved[k]) for k in final)
     assert sorted(p.name for p in out.iterdir()) == ["ppo", "ppo_checkpoints", "reward_adapter", "run.json", "sft"]
+
+
+def test_notebook_launcher_runs_the_same_data_parallel_training(stand_ins, tmp_path):
+    """What a notebook with several devices does: `notebook_launcher(train_fn, num_processes=2)` (here on CPU)."""
+    _, (rank0, rank1) = launch([sys.executable, str(WORKER), *map(str, stand_ins), str(tmp_path), "--steps", "2",
+                                "--notebook-launcher"], tmp_path)
+    assert rank0["world_size"] == 2 and rank0["policy_wrapper"] == "DistributedDataParallel"
+    assert rank0["rollouts"][0]["responses"] != rank1["rollouts"][0]["responses"]
+    assert rank0["after"] == rank1["after"] and rank0["after"] != rank0["before"]
