@@ -48,6 +48,7 @@ def ppo_config(profile: Profile, seed: int = 0, steps: int | None = None):
         ppo_epochs=profile.ppo_epochs,
         init_kl_coef=profile.ppo_init_kl_coef,
         max_new_tokens=profile.ppo_max_new_tokens,
+        save_every=profile.ppo_save_every,
     )
 
 

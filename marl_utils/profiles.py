@@ -71,6 +71,8 @@ class Profile:
     ppo_prompt_tokens: tuple[int, int] = (2, 6)
     ppo_max_new_tokens: int = 20
     ppo_eval_prompts: int = 64
+    ppo_save_every: int = 10
+    """Write a PPO checkpoint every this many steps (and at the end): `marl ppo --resume` continues from it."""
     ppo_min_reward_gain: float = 2.0
     """Bars notebook 03 asserts: eval reward gain at least this, final KL (nats/sequence) at most ppo_max_kl."""
     ppo_max_kl: float = 15.0

@@ -5,6 +5,7 @@ The killed runs are real processes (`tests/ppo_worker.py`), killed where a learn
 seeded random moment ($MARL_KILL_SEED, default 0), and in the middle of a checkpoint write.
 """
 
+import json
 import os
 import random
 import shutil
@@ -126,14 +127,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(stand_ins, str
 
 
 # ---------------------------------------------------------------------------------------------- stage folders
-QUICK = PROFILES["tiny"].replace(
-    sft_max_steps=2, sft_batch_size=8, sft_max_train_examples=32, sft_eval_examples=8, sft_max_length=48,
-    reward_max_steps=2, reward_batch_size=8, reward_train_pairs=16, reward_eval_pairs=8, reward_max_length=48,
-    reward_prefix_tokens=(12,), ppo_steps=1, ppo_batch_size=2, ppo_mini_batch_size=2, ppo_epochs=1,
-    ppo_max_new_tokens=4, ppo_eval_prompts=2, ppo_prompt_tokens=(2, 3),
-    tiny_model=dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128),
-)
+QUICK = PROFILES["tiny"].replace(**ppo_worker.QUICK_SIZES)
 
 
 def leftovers(out: Path) -> list[str]:
@@ -154,49 +148,90 @@ def interrupt_after(cls, method: str, monkeypatch, when=lambda path: True):
 
 
 @pytest.fixture(scope="module")
-def sft_done(tmp_path_factory):
+def stages_done(tmp_path_factory):
+    """A run folder with the tiny base and stages 1-2 done at QUICK sizes; tests copy what they need from it."""
+    from marl_utils.reward import train_reward_adapter
     from marl_utils.sft import train_sft
 
     out = tmp_path_factory.mktemp("stages")
     train_sft(QUICK, out, progress=False)
+    train_reward_adapter(QUICK, out, progress=False)
     return out
 
 
-def test_interrupted_sft_save_leaves_no_sft_folder(sft_done, tmp_path, monkeypatch):
+def copy_run(done: Path, out: Path, *stages) -> Path:
+    out.mkdir()
+    shutil.copy(done / "run.json", out / "run.json")
+    for stage in stages:
+        shutil.copytree(done / stage, out / stage)
+    if "reward_adapter" in stages:  # as if trained here: the adapter records the stage-1 folder it was trained on
+        config = json.loads((out / "reward_adapter" / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str((out / "sft").resolve())
+        (out / "reward_adapter" / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_interrupted_sft_save_leaves_no_sft_folder(stages_done, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
-    from marl_utils.runs import prepare_run_dir
     from marl_utils.sft import train_sft
 
-    out = prepare_run_dir(tmp_path / "out", QUICK)
-    shutil.copytree(sft_done / "base", out / "base")  # skip rebuilding the tiny base
+    out = copy_run(stages_done, tmp_path / "out", "base")  # the tiny base is not rebuilt
     interrupt_after(PreTrainedModel, "save_pretrained", monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_sft(QUICK, out, progress=False)
     assert not (out / "sft").exists() and leftovers(out) == []
 
 
-def test_interrupted_reward_and_ppo_saves_leave_no_stage_folder(sft_done, monkeypatch):
+def test_interrupted_reward_save_leaves_no_reward_folder(stages_done, tmp_path, monkeypatch):
     from peft import PeftModel
 
-    from marl_utils.pipeline import train_ppo
     from marl_utils.reward import train_reward_adapter
 
-    out = sft_done
-    with monkeypatch.context() as patch:
-        interrupt_after(PeftModel, "save_pretrained", patch)
-        with pytest.raises(KeyboardInterrupt):
-            train_reward_adapter(QUICK, out, progress=False)
+    out = copy_run(stages_done, tmp_path / "out", "sft")
+    interrupt_after(PeftModel, "save_pretrained", monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train_reward_adapter(QUICK, out, progress=False)
     assert not (out / "reward_adapter").exists() and leftovers(out) == []
 
-    train_reward_adapter(QUICK, out, progress=False)
+
+def test_interrupted_ppo_save_leaves_no_ppo_folder(stages_done, tmp_path, monkeypatch):
+    from marl_utils.pipeline import train_ppo
+
+    out = copy_run(stages_done, tmp_path / "out", "sft", "reward_adapter")
     # the stage folder's save, not a PPO checkpoint's (those go to OUT/ppo_checkpoints/)
     interrupt_after(AutoModelForCausalLMWithValueHead, "save_pretrained", monkeypatch,
                     when=lambda path: path.name.startswith(".ppo.tmp-"))
     with pytest.raises(KeyboardInterrupt):
         train_ppo(QUICK, out, progress=False)
     assert not (out / "ppo").exists() and leftovers(out) == []
-    assert latest_checkpoint(out / "ppo_checkpoints") is not None  # the run itself was saved before
+    assert latest_checkpoint(out / "ppo_checkpoints").name == f"step-{QUICK.ppo_steps:06d}"  # the run was saved
+
+
+def test_marl_ppo_killed_then_resumed_with_the_command(stages_done, tmp_path, monkeypatch, capsys):
+    """`marl ppo` killed after its second checkpoint; `marl ppo --resume` ends where an unbroken run ends."""
+    from marl_utils.cli import main
+
+    killed = copy_run(stages_done, tmp_path / "killed", "sft", "reward_adapter")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, str(WORKER), "marl", "--pause", "0.25", "--", "ppo", "--profile", "tiny",
+                             "--output-dir", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    second = QUICK.ppo_save_every * 2
+    wait_for((killed / "ppo_checkpoints" / "checkpoints" / f"step-{second:06d}" / "checkpoint.json").exists, proc)
+    sigkill(proc)
+    assert not (killed / "ppo").exists()
+
+    monkeypatch.setitem(PROFILES, "tiny", QUICK)
+    straight = copy_run(stages_done, tmp_path / "straight", "sft", "reward_adapter")
+    assert main(["ppo", "--profile", "tiny", "--output-dir", str(straight)]) == 0
+    assert main(["ppo", "--profile", "tiny", "--output-dir", str(killed), "--resume"]) == 0
+    assert "no checkpoint under" not in capsys.readouterr().out
+    expected, resumed = (json.loads((out / "ppo" / "metrics.json").read_text()) for out in (straight, killed))
+    assert resumed["steps"] == expected["steps"] == QUICK.ppo_steps
+    assert no_time(resumed["history"]) == no_time(expected["history"])
+    for key in ["eval_reward_before", "eval_reward_after", "kl_final", "samples_after"]:
+        assert resumed[key] == expected[key], key
 
 
 def test_interrupted_plot_keeps_the_previous_png(tmp_path, monkeypatch):
