@@ -62,18 +62,18 @@ class Profile:
     # Stage 3: PPO
     ppo_lora_r: int = 16
     ppo_lora_alpha: int = 32
-    ppo_steps: int = 30
+    ppo_steps: int = 40
     ppo_batch_size: int = 32
     ppo_mini_batch_size: int = 8
     ppo_epochs: int = 4
-    ppo_learning_rate: float = 3e-3
-    ppo_init_kl_coef: float = 0.1
+    ppo_learning_rate: float = 1.5e-3
+    ppo_init_kl_coef: float = 0.15
     ppo_prompt_tokens: tuple[int, int] = (2, 6)
     ppo_max_new_tokens: int = 20
-    ppo_eval_prompts: int = 64
+    ppo_eval_prompts: int = 128
     ppo_save_every: int = 10
     """Write a PPO checkpoint every this many steps (and at the end): `marl ppo --resume` continues from it."""
-    ppo_min_reward_gain: float = 2.0
+    ppo_min_reward_gain: float = 1.5
     """Bars notebook 03 asserts: eval reward gain at least this, final KL (nats/sequence) at most ppo_max_kl."""
     ppo_max_kl: float = 15.0
 
