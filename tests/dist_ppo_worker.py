@@ -84,9 +84,14 @@ def main(argv=None) -> None:
     parser.add_argument("--notebook-launcher", action="store_true", help="start 2 processes with notebook_launcher")
     args = parser.parse_args(argv)
     if args.notebook_launcher:
+        import socket
+
         from accelerate import notebook_launcher
 
-        notebook_launcher(train_and_report, args=(args,), num_processes=2)
+        with socket.socket() as probe:  # a free port: 29500 may be taken by another run on this machine
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        notebook_launcher(train_and_report, args=(args,), num_processes=2, use_port=str(port))
     else:
         train_and_report(args)
 
