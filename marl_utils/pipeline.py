@@ -47,6 +47,8 @@ def ppo_config(profile: Profile, seed: int = 0, steps: int | None = None):
         mini_batch_size=profile.ppo_mini_batch_size,
         ppo_epochs=profile.ppo_epochs,
         init_kl_coef=profile.ppo_init_kl_coef,
+        target_kl=profile.ppo_target_kl,
+        horizon=profile.ppo_kl_horizon,
         max_new_tokens=profile.ppo_max_new_tokens,
         save_every=profile.ppo_save_every,
     )

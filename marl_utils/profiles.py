@@ -62,12 +62,16 @@ class Profile:
     # Stage 3: PPO
     ppo_lora_r: int = 16
     ppo_lora_alpha: int = 32
-    ppo_steps: int = 40
-    ppo_batch_size: int = 32
-    ppo_mini_batch_size: int = 8
+    ppo_steps: int = 50
+    ppo_batch_size: int = 64
+    ppo_mini_batch_size: int = 16
     ppo_epochs: int = 4
-    ppo_learning_rate: float = 1.5e-3
+    ppo_learning_rate: float = 2e-3
     ppo_init_kl_coef: float = 0.15
+    ppo_target_kl: float = 8.0
+    """The adaptive KL controller steers beta towards this many nats per sequence."""
+    ppo_kl_horizon: float = 1000.0
+    """Rollouts over which the controller corrects beta: ~3000 rollouts in a tiny run, so 10000 would barely move it."""
     ppo_prompt_tokens: tuple[int, int] = (2, 6)
     ppo_max_new_tokens: int = 20
     ppo_eval_prompts: int = 128
@@ -122,6 +126,8 @@ PROFILES: dict[str, Profile] = {
         ppo_epochs=4,
         ppo_learning_rate=1.41e-5,
         ppo_init_kl_coef=0.2,
+        ppo_target_kl=6.0,
+        ppo_kl_horizon=10000.0,
         ppo_prompt_tokens=(2, 8),
         ppo_max_new_tokens=16,
         ppo_eval_prompts=16,

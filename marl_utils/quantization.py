@@ -14,6 +14,7 @@ off, which keeps the weights in the layout the training kernels expect. The infe
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -117,12 +118,38 @@ def load_base_config(name, kwargs: dict):
                              "model folder (`OUT/sft/`) or a hub id like 'gpt2'") from err
 
 
+class OnceFilter(logging.Filter):
+    """Let each distinct message through once.
+
+    bitsandbytes logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" on EVERY 8-bit
+    matmul of a float32 model: millions of lines in one PPO run, which bury a notebook's output and slow it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.msg, record.args)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def quiet_repeated_bnb_warnings() -> None:
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, OnceFilter) for f in bnb_logger.filters):
+        bnb_logger.addFilter(OnceFilter())
+
+
 def load_base(name, bnb_config, kwargs: dict):
     """`AutoModelForCausalLM.from_pretrained`, quantized when `bnb_config` is given."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(kwargs)
     if bnb_config is not None:
+        quiet_repeated_bnb_warnings()
         kwargs["quantization_config"] = bnb_config
         if torch.cuda.is_available() and "device_map" not in kwargs:
             # bitsandbytes quantizes on the device the weights load to: one GPU per process.

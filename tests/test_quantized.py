@@ -232,3 +232,15 @@ def test_quantizing_a_model_object_is_refused(stand_ins):
     plain = AutoModelForCausalLM.from_pretrained(stand_ins["llama"].base)
     with pytest.raises(MarlInputError, match="need a path or hub id"):
         AutoModelForCausalLMWithValueHead.from_pretrained(plain, peft_config=lora("llama"), load_in_8bit=True)
+
+
+def test_int8_cast_warning_logged_once(stand_ins, tokenizer, caplog):
+    """bitsandbytes warns about the float16 cast on every 8-bit matmul; we let it through once per message."""
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(stand_ins["llama"].base, peft_config=lora("llama"),
+                                                              load_in_8bit=True)
+    inputs = batch(tokenizer, TEXTS[:2])
+    with caplog.at_level("WARNING", logger="bitsandbytes"), torch.no_grad():
+        for _ in range(3):
+            model(**inputs)
+    casts = [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
+    assert len(casts) <= 1, f"{len(casts)} repeats of the bitsandbytes cast warning"
