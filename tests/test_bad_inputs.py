@@ -326,6 +326,18 @@ def test_mismatched_queries_responses_scores(trainer):
     assert unchanged(trainer, before) and trainer.step_count == 0
 
 
+def test_scores_of_the_wrong_shape(trainer):
+    queries, responses, scores = rollouts(trainer.tokenizer, trainer.eos_token_id)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(MarlInputError, match=r"scores has shape \(4, 1\): pass one scalar score per response, as a "
+                                             r"list or a 1-D tensor of length 4"):
+        trainer.step(queries, responses, torch.tensor(scores).unsqueeze(1))
+    with pytest.raises(MarlInputError, match=r"scores\[2\] has shape \(2,\): each score must be one scalar"):
+        trainer.step(queries, responses, [torch.tensor(0.0), torch.tensor(1.0), torch.tensor([1.0, 2.0]),
+                                          torch.tensor(0.5)])
+    assert unchanged(trainer, before) and trainer.step_count == 0
+
+
 def test_non_finite_rewards(trainer):
     queries, responses, _ = rollouts(trainer.tokenizer, trainer.eos_token_id)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
