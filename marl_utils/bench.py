@@ -1,6 +1,6 @@
 """`marl bench`: memory and time of one shared base (MARL) against separate models (README "Performance").
 
-    marl bench [--profile P] [--base-size tiny|mid] [--output-dir OUT] [--steps 3]
+    marl bench [--profile P] [--base-size tiny|mid|large] [--output-dir OUT] [--steps 3]
 
 Each layout x precision runs in its OWN process (`python -m marl_utils.bench --layout ...`), so its peak
 resident set is its own. A layout process measures:
@@ -42,10 +42,12 @@ DEFAULT_LAYOUTS = {
     # On a CPU the separate 8/4-bit layouts quantize four copies and run 4-bit backward slowly: minutes more.
     # Ask for them with run_bench(..., layouts=LAYOUTS).
     "mid": ("marl_fp32", "separate_fp32", "marl_8bit", "marl_4bit"),
+    "large": ("marl_fp32", "separate_fp32", "marl_8bit", "marl_4bit"),
 }
 CHECKS = [  # (name, numerator, denominator, key, limit): the acceptance of issue 6
     ("MARL param bytes / separate", "marl_fp32", "separate_fp32", "param_bytes", 0.30),
     ("MARL model RSS / separate", "marl_fp32", "separate_fp32", "model_rss_bytes", 0.45),
+    ("MARL peak RSS / separate (with imports)", "marl_fp32", "separate_fp32", "peak_rss_bytes", 0.45),
     ("8-bit param bytes / fp32 (MARL)", "marl_8bit", "marl_fp32", "param_bytes", 0.35),
     ("4-bit param bytes / fp32 (MARL)", "marl_4bit", "marl_fp32", "param_bytes", 0.20),
 ]
@@ -329,13 +331,13 @@ def plot_bench(summary: dict, save_to) -> None:
     for i, (label, value) in enumerate(bars):
         heights = [value(layouts[n]) / MB for n in names]
         drawn = mem.bar([x + (i - 1) * 0.28 for x in xs], heights, width=0.28, label=label)
-        mem.bar_label(drawn, fmt="%.0f", fontsize=7)
+        mem.bar_label(drawn, fmt="%.0f", fontsize=6, rotation=90, padding=2)  # upright: 4-digit labels collide
         tallest = max(tallest, *heights)
-    mem.set_ylim(0, tallest * 1.35)  # room for the legend above the bars
+    mem.set_ylim(0, tallest * 1.6)  # room for the legend above the bars
     mem.set_xticks(list(xs), names, rotation=25, ha="right")
     mem.set_ylabel("MB")
     mem.set_title(f"memory, base '{summary['base_size']}' ({summary['base_params'] / 1e6:.1f}M params)")
-    mem.legend(fontsize=7, loc="upper right")
+    mem.legend(fontsize=7, loc="upper left")
     bottom = [0.0] * len(names)
     for part in STEP_PARTS:
         values = [layouts[n]["step_seconds"][part] for n in names]

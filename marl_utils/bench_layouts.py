@@ -43,6 +43,10 @@ BASE_SIZES = {
     # input and output) keep the part bitsandbytes never quantizes at 9% of the weights.
     "mid": dict(vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=10,
                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256),
+    # ~210M parameters (840 MB in fp32): large enough that even the raw peak RSS, with the ~400 MB of
+    # imported code every process carries, is dominated by weights.
+    "large": dict(vocab_size=8192, hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
+                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256),
 }
 QUANTIZED_NOTE = ("8/4-bit layouts: the seed's load_in_8bit/load_in_4bit on the linear layers; embeddings and norms "
                   "(never quantized by bitsandbytes) in bfloat16, as real checkpoints ship; adapters and heads float32")

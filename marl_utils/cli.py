@@ -4,7 +4,7 @@
     marl reward  [--profile P] [--dataset SRC] [--output-dir OUT]   stage 2 -> OUT/reward_adapter/
     marl ppo     [--profile P] [--dataset SRC] [--output-dir OUT]   stage 3 -> OUT/ppo/
     marl run     [--profile P] [--dataset SRC] [--output-dir OUT]   all three + plots + summary.json
-    marl bench   [--profile P] [--base-size tiny|mid] [--output-dir OUT]
+    marl bench   [--profile P] [--base-size tiny|mid|large] [--output-dir OUT]
 
 Bad input ends the command with one line, `error: <what was wrong and how to fix it>`, exit code 2.
 """
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue PPO from the last checkpoint")
     bench = sub.add_parser("bench", help="memory and time: one shared base vs separate models")
     bench.add_argument("--profile", default=None)
-    bench.add_argument("--base-size", default="mid", choices=["tiny", "mid"])
+    bench.add_argument("--base-size", default="mid", choices=["tiny", "mid", "large"])
     bench.add_argument("--output-dir", default=None)
     bench.add_argument("--steps", type=int, default=3, help="timed PPO steps per layout")
     return parser
