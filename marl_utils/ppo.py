@@ -30,15 +30,10 @@ import torch
 
 from .errors import MarlInputError
 from .ppo_config import PPOConfig
+from .ppo_inputs import check_context, check_step_inputs, check_token_lists, generation_kwargs
 from .ppo_core import (AdaptiveKLController, FixedKLController, RunningMoments, build_rollout_batch, compute_gae,
                        compute_rewards, cut_after_eos, distinct_n, entropy_from_logits, explained_variance, kl_penalty,
                        left_pad, logprobs_from_logits, masked_mean, masked_whiten, policy_loss, value_loss)
-
-# Sampling settings that change the distribution tokens are drawn from, so that it is no longer the policy
-# whose logprobs PPO uses: the KL estimate becomes biased (often negative) and the ratio is off.
-BIASED_SAMPLING = {"top_k": (0, None), "top_p": (1.0, None), "min_length": (0, None), "min_new_tokens": (0, None),
-                   "repetition_penalty": (1.0, None), "no_repeat_ngram_size": (0, None), "typical_p": (1.0, None)}
-
 
 @contextlib.contextmanager
 def eval_mode(model):
@@ -142,22 +137,6 @@ class PPOTrainer:
             self.model.set_policy_adapter(self.policy_adapter_name)
 
     # ------------------------------------------------------------------------------------------ rollout
-    def _generation_kwargs(self, gen_kwargs: dict) -> dict:
-        biased = {k: v for k, v in gen_kwargs.items() if k in BIASED_SAMPLING and v not in BIASED_SAMPLING[k]}
-        if biased:
-            warnings.warn(f"generation settings {biased} change the sampling distribution away from the policy: "
-                          "the KL estimate and the PPO ratio become biased. Plain sampling (top_k=0, top_p=1.0, no "
-                          "min length) is what PPO assumes; use min_response_tokens for short responses instead")
-        if gen_kwargs.get("temperature", self.config.temperature) != self.config.temperature:
-            raise MarlInputError(f"temperature={gen_kwargs['temperature']} differs from PPOConfig.temperature="
-                                 f"{self.config.temperature}: logprobs use the config's value, so set it there")
-        kwargs = dict(do_sample=True, top_k=0, top_p=1.0, typical_p=1.0, min_new_tokens=0,
-                      repetition_penalty=1.0, no_repeat_ngram_size=0, temperature=self.config.temperature,
-                      max_new_tokens=self.config.max_new_tokens, pad_token_id=self.pad_token_id,
-                      eos_token_id=self.eos_token_id)
-        kwargs.update(gen_kwargs)
-        return kwargs
-
     @torch.no_grad()
     def generate(self, query_tensors, batch_size: int = 4, return_prompt: bool = False, **gen_kwargs):
         """Sample a response for each prompt (list of 1-D token tensors in, list of 1-D tensors out).
@@ -167,10 +146,10 @@ class PPOTrainer:
         """
         single = torch.is_tensor(query_tensors) and query_tensors.dim() == 1
         queries = [query_tensors] if single else list(query_tensors)
-        _check_token_lists(queries, "query_tensors")
-        kwargs = self._generation_kwargs(gen_kwargs)
+        check_token_lists(queries, "query_tensors")
+        kwargs = generation_kwargs(self.config, gen_kwargs, self.pad_token_id, self.eos_token_id)
         longest = max(map(len, queries), default=0)
-        self._check_context(longest + (kwargs.get("max_new_tokens") or 0), "a prompt plus max_new_tokens")
+        check_context(self.model, longest + (kwargs.get("max_new_tokens") or 0), "a prompt plus max_new_tokens")
         self._activate_policy()
         outputs = []
         with eval_mode(self.model):
@@ -218,46 +197,7 @@ class PPOTrainer:
             logprobs, _, _ = self._forward(reference, batch, rows, with_values=False)
         return logprobs
 
-    def _check_context(self, length: int, what: str) -> None:
-        # Past its context a learned-position model (GPT-2) fails with a bare IndexError; say why instead.
-        context = getattr(self.model.config, "max_position_embeddings", None)
-        if isinstance(context, int) and length > context:
-            raise MarlInputError(f"{what} is {length} tokens, longer than the model's context of {context} tokens; "
-                                 "use shorter prompts (load_prompts(max_tokens=...)) or a smaller "
-                                 "PPOConfig.max_new_tokens")
-
     # ------------------------------------------------------------------------------------------ PPO step
-    def _check_step_inputs(self, queries, responses, scores) -> torch.Tensor:
-        batch_size = self.config.batch_size
-        for name, value in (("queries", queries), ("responses", responses)):
-            if not isinstance(value, (list, tuple)):
-                raise MarlInputError(f"{name} must be a list of 1-D token tensors, got {type(value).__name__}")
-        if torch.is_tensor(scores):
-            if scores.dim() != 1:
-                raise MarlInputError(f"scores has shape {tuple(scores.shape)}: pass one scalar score per response, "
-                                     f"as a list or a 1-D tensor of length {len(responses)}")
-            scores = list(scores)
-        if not isinstance(scores, (list, tuple)):
-            raise MarlInputError(f"scores must be a list of scalars or a 1-D tensor, got {type(scores).__name__}")
-        if not len(queries) == len(responses) == len(scores) == batch_size:
-            raise MarlInputError(f"step() got {len(queries)} queries, {len(responses)} responses and {len(scores)} "
-                                 f"scores; each must be a list of PPOConfig.batch_size={batch_size}")
-        _check_token_lists(queries, "queries")
-        _check_token_lists(responses, "responses")
-        self._check_context(max(len(q) + len(r) for q, r in zip(queries, responses)), "a query plus its response")
-        values = []
-        for i, score in enumerate(scores):
-            if torch.is_tensor(score) and score.numel() != 1:
-                raise MarlInputError(f"scores[{i}] has shape {tuple(score.shape)}: each score must be one scalar "
-                                     "(the reward of the whole response)")
-            values.append(float(score))
-        scores = torch.tensor(values, dtype=torch.float32, device=self.device)
-        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-        if bad:
-            raise MarlInputError(f"scores {bad} are not finite ({[values[i] for i in bad]}); no update was made. "
-                                 "Check the reward model (or clip its output with PPOConfig.score_clip)")
-        return scores
-
     def shape_scores(self, responses, scores: torch.Tensor):
         """Scores PPO optimises: raw score (optionally normalised) + anti-collapse / missing-EOS penalties, clipped.
 
@@ -284,7 +224,7 @@ class PPOTrainer:
     def step(self, queries, responses, scores) -> dict:
         """One PPO step on batch_size rollouts: returns the statistics (floats) of the step."""
         cfg, accelerator = self.config, self.accelerator
-        raw_scores = self._check_step_inputs(queries, responses, scores)
+        raw_scores = check_step_inputs(self.model, queries, responses, scores, self.config.batch_size, self.device)
         responses = [cut_after_eos(r, self.eos_token_id) for r in responses]  # anything after EOS is padding
         self._activate_policy()
         t_start = time.perf_counter()
@@ -485,7 +425,7 @@ class PPOTrainer:
         prompts = [p if torch.is_tensor(p) else torch.tensor(p, dtype=torch.long) for p in prompts]
         if not prompts:
             raise MarlInputError("train() got no prompts")
-        _check_token_lists(prompts, "prompts")
+        check_token_lists(prompts, "prompts")
         return prompts
 
     @torch.no_grad()
@@ -542,12 +482,3 @@ def _collate_dicts(rows):
         return {key: [row[key] for row in rows] for key in rows[0]}
     return list(rows)
 
-
-def _check_token_lists(sequences, name: str) -> None:
-    for i, seq in enumerate(sequences):
-        if not torch.is_tensor(seq) or seq.dim() != 1:
-            shape = tuple(seq.shape) if torch.is_tensor(seq) else type(seq).__name__
-            raise MarlInputError(f"{name}[{i}] must be a 1-D tensor of token ids, got {shape}; pass a list with "
-                                 "one unpadded tensor per rollout")
-        if len(seq) == 0:
-            raise MarlInputError(f"{name}[{i}] is empty; every prompt and every response needs at least one token")

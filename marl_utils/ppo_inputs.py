@@ -1,0 +1,87 @@
+"""What PPOTrainer checks before it samples or updates: sampling settings, lengths, and step() inputs.
+
+Every check raises `MarlInputError` with what was wrong and how to fix it, before any weight changes, so a
+bad call never leaves a half-done update behind.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .errors import MarlInputError
+
+# Sampling settings that change the distribution tokens are drawn from, so that it is no longer the policy
+# whose logprobs PPO uses: the KL estimate becomes biased (often negative) and the ratio is off.
+BIASED_SAMPLING = {"top_k": (0, None), "top_p": (1.0, None), "min_length": (0, None), "min_new_tokens": (0, None),
+                   "repetition_penalty": (1.0, None), "no_repeat_ngram_size": (0, None), "typical_p": (1.0, None)}
+
+
+def generation_kwargs(config, gen_kwargs: dict, pad_token_id: int, eos_token_id: int) -> dict:
+    """Plain sampling at the config's temperature, with the caller's overrides (warned about when biased)."""
+    biased = {k: v for k, v in gen_kwargs.items() if k in BIASED_SAMPLING and v not in BIASED_SAMPLING[k]}
+    if biased:
+        warnings.warn(f"generation settings {biased} change the sampling distribution away from the policy: "
+                      "the KL estimate and the PPO ratio become biased. Plain sampling (top_k=0, top_p=1.0, no "
+                      "min length) is what PPO assumes; use min_response_tokens for short responses instead",
+                      stacklevel=3)
+    if gen_kwargs.get("temperature", config.temperature) != config.temperature:
+        raise MarlInputError(f"temperature={gen_kwargs['temperature']} differs from PPOConfig.temperature="
+                             f"{config.temperature}: logprobs use the config's value, so set it there")
+    kwargs = dict(do_sample=True, top_k=0, top_p=1.0, typical_p=1.0, min_new_tokens=0,
+                  repetition_penalty=1.0, no_repeat_ngram_size=0, temperature=config.temperature,
+                  max_new_tokens=config.max_new_tokens, pad_token_id=pad_token_id, eos_token_id=eos_token_id)
+    kwargs.update(gen_kwargs)
+    return kwargs
+
+
+def check_context(model, length: int, what: str) -> None:
+    # Past its context a learned-position model (GPT-2) fails with a bare IndexError; say why instead.
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and length > context:
+        raise MarlInputError(f"{what} is {length} tokens, longer than the model's context of {context} tokens; "
+                             "use shorter prompts (load_prompts(max_tokens=...)) or a smaller "
+                             "PPOConfig.max_new_tokens")
+
+
+def check_token_lists(sequences, name: str) -> None:
+    for i, seq in enumerate(sequences):
+        if not torch.is_tensor(seq) or seq.dim() != 1:
+            shape = tuple(seq.shape) if torch.is_tensor(seq) else type(seq).__name__
+            raise MarlInputError(f"{name}[{i}] must be a 1-D tensor of token ids, got {shape}; pass a list with "
+                                 "one unpadded tensor per rollout")
+        if len(seq) == 0:
+            raise MarlInputError(f"{name}[{i}] is empty; every prompt and every response needs at least one token")
+
+
+def check_step_inputs(model, queries, responses, scores, batch_size: int, device) -> torch.Tensor:
+    """The scores of one PPO step as a float32 [B] tensor, after checking all three lists fit together."""
+    for name, value in (("queries", queries), ("responses", responses)):
+        if not isinstance(value, (list, tuple)):
+            raise MarlInputError(f"{name} must be a list of 1-D token tensors, got {type(value).__name__}")
+    if torch.is_tensor(scores):
+        if scores.dim() != 1:
+            raise MarlInputError(f"scores has shape {tuple(scores.shape)}: pass one scalar score per response, "
+                                 f"as a list or a 1-D tensor of length {len(responses)}")
+        scores = list(scores)
+    if not isinstance(scores, (list, tuple)):
+        raise MarlInputError(f"scores must be a list of scalars or a 1-D tensor, got {type(scores).__name__}")
+    if not len(queries) == len(responses) == len(scores) == batch_size:
+        raise MarlInputError(f"step() got {len(queries)} queries, {len(responses)} responses and {len(scores)} "
+                             f"scores; each must be a list of PPOConfig.batch_size={batch_size}")
+    check_token_lists(queries, "queries")
+    check_token_lists(responses, "responses")
+    check_context(model, max(len(q) + len(r) for q, r in zip(queries, responses)), "a query plus its response")
+    values = []
+    for i, score in enumerate(scores):
+        if torch.is_tensor(score) and score.numel() != 1:
+            raise MarlInputError(f"scores[{i}] has shape {tuple(score.shape)}: each score must be one scalar "
+                                 "(the reward of the whole response)")
+        values.append(float(score))
+    scores = torch.tensor(values, dtype=torch.float32, device=device)
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise MarlInputError(f"scores {bad} are not finite ({[values[i] for i in bad]}); no update was made. "
+                             "Check the reward model (or clip its output with PPOConfig.score_clip)")
+    return scores
