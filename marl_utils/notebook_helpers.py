@@ -166,7 +166,7 @@ def median_seconds(fn, repeats: int = 5) -> float:
 
 def plot_runs(histories: dict, keys, *, titles=None, smooth: int = 1, save_to=None):
     """Several runs' curves overlaid, one panel per metric: `histories` maps a label to a trainer's history."""
-    from .plotting import _plt, _smooth
+    from .plotting import _plt, _smooth, set_count_axis
 
     plt = _plt()
     keys = list(keys)
@@ -176,6 +176,7 @@ def plot_runs(histories: dict, keys, *, titles=None, smooth: int = 1, save_to=No
             ys = [float(row[key]) for row in history if key in row]
             ax.plot(ys, color=color, alpha=0.3 if smooth > 1 else 1.0)
             ax.plot(_smooth(ys, smooth), color=color, label=label)
+        set_count_axis(ax, key)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -54,6 +54,12 @@ def _smooth(values, window: int):
     return out
 
 
+def set_count_axis(ax, key: str) -> None:
+    """Token counts start their y axis at 0: zoomed in, 19.6 of 20 tokens would look like a collapse."""
+    if "tokens" in key:
+        ax.set_ylim(bottom=0)
+
+
 def plot_curves(history: list[dict], keys, *, x_key: str | None = None, titles=None, smooth: int = 1,
                 save_to: str | Path | None = None, suptitle: str | None = None):
     """One small panel per metric in `keys`, from a list of per-step dicts (a trainer's history)."""
@@ -67,6 +73,7 @@ def plot_curves(history: list[dict], keys, *, x_key: str | None = None, titles=N
         ax.plot(xs, ys, alpha=0.35 if smooth > 1 else 1.0, color="tab:blue")
         if smooth > 1:
             ax.plot(xs, _smooth(ys, smooth), color="tab:blue")
+        set_count_axis(ax, key)
         ax.set_title(title)
         ax.set_xlabel(x_key or "step")
         ax.grid(alpha=0.3)

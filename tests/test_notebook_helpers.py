@@ -181,3 +181,14 @@ def test_plot_footprint_stacks_the_parts(paths, tmp_path):
     heights = [patch.get_height() for patch in fig.axes[0].patches]
     assert heights == pytest.approx([rows[0]["base quantized MiB"], rows[0]["base float MiB"],
                                      rows[0]["adapters + heads MiB"]])
+
+
+def test_token_count_panels_start_at_zero():
+    from marl_utils.plotting import plot_curves
+
+    history = [{"ppo/response_tokens_mean": 19.6, "r": 1.0}, {"ppo/response_tokens_mean": 20.0, "r": 2.0}]
+    for fig in (plot_curves(history, ["r", "ppo/response_tokens_mean"]),
+                plot_runs({"a": history}, ["r", "ppo/response_tokens_mean"])):
+        reward_panel, length_panel = fig.axes
+        assert length_panel.get_ylim()[0] == 0 and length_panel.get_ylim()[1] >= 20.0
+        assert reward_panel.get_ylim()[0] > 0  # other metrics keep matplotlib's fitted range
