@@ -30,10 +30,11 @@ import torch
 
 from .errors import MarlInputError
 from .ppo_config import PPOConfig
-from .ppo_inputs import check_context, check_step_inputs, check_token_lists, generation_kwargs
 from .ppo_core import (AdaptiveKLController, FixedKLController, RunningMoments, build_rollout_batch, compute_gae,
                        compute_rewards, cut_after_eos, distinct_n, entropy_from_logits, explained_variance, kl_penalty,
                        left_pad, logprobs_from_logits, masked_mean, masked_whiten, policy_loss, value_loss)
+from .ppo_inputs import check_context, check_step_inputs, check_token_lists, generation_kwargs
+
 
 @contextlib.contextmanager
 def eval_mode(model):
@@ -224,7 +225,7 @@ class PPOTrainer:
     def step(self, queries, responses, scores) -> dict:
         """One PPO step on batch_size rollouts: returns the statistics (floats) of the step."""
         cfg, accelerator = self.config, self.accelerator
-        raw_scores = check_step_inputs(self.model, queries, responses, scores, self.config.batch_size, self.device)
+        raw_scores = check_step_inputs(self.model, queries, responses, scores, cfg.batch_size, self.device)
         responses = [cut_after_eos(r, self.eos_token_id) for r in responses]  # anything after EOS is padding
         self._activate_policy()
         t_start = time.perf_counter()
@@ -481,4 +482,3 @@ def _collate_dicts(rows):
     if isinstance(rows[0], dict):
         return {key: [row[key] for row in rows] for key in rows[0]}
     return list(rows)
-
