@@ -8,6 +8,7 @@ the PPO loop on review prompts and save the policy to `OUT/ppo/`.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ def ppo_config(profile: Profile, seed: int = 0, steps: int | None = None):
         target_kl=profile.ppo_target_kl,
         horizon=profile.ppo_kl_horizon,
         max_new_tokens=profile.ppo_max_new_tokens,
+        min_response_tokens=math.ceil(0.75 * profile.ppo_max_new_tokens),  # the anti-collapse guard (PPOConfig)
         save_every=profile.ppo_save_every,
     )
 

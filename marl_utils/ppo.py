@@ -108,7 +108,11 @@ class PPOTrainer:
             raise MarlInputError("the model has nothing to train: it was loaded with is_trainable=False (for "
                                  "inference); load it with from_pretrained(..., is_trainable=True)")
         if optimizer is None:
-            optimizer = torch.optim.Adam(model.trainable_parameters(), lr=config.learning_rate)
+            # two parameter groups: a value head trained from scratch may want another rate than the LoRA
+            optimizer = torch.optim.Adam([
+                {"params": model.policy_parameters(), "lr": config.learning_rate},
+                {"params": list(model.v_head.parameters()),
+                 "lr": config.value_head_learning_rate or config.learning_rate}])
         base = model.pretrained_model.get_base_model()
         placed = bool(getattr(base, "hf_device_map", None)) or getattr(base, "hf_quantizer", None) is not None
         # the prepared model is DDP-wrapped under several processes; it is only used for training forwards
@@ -204,14 +208,14 @@ class PPOTrainer:
 
         A reward hack seen in practice: the policy learns one short stock sentence plus EOS, which the reward
         adapter likes and the KL penalty barely notices (few tokens, few nats). Responses shorter than
-        `min_response_length` tokens pay `short_response_penalty`. This is unbiased, unlike forcing length
+        `min_response_tokens` tokens pay `short_response_penalty`. This is unbiased, unlike forcing length
         with min_new_tokens, which would sample from a distribution other than the policy's.
         """
         if self.config.normalize_scores:
             self.score_moments.update(self.accelerator.gather(scores))  # all processes' scores
             scores = (scores - self.score_moments.mean) / self.score_moments.std
         lengths = torch.tensor([len(r) for r in responses], device=scores.device)
-        short = lengths < self.config.min_response_length
+        short = lengths < self.config.min_response_tokens
         shaped = scores + self.config.short_response_penalty * short
         ends_with_eos = torch.tensor([self.eos_token_id is not None and len(r) > 0 and int(r[-1]) == self.eos_token_id
                                       for r in responses], device=scores.device)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from .errors import MarlInputError
 
 KL_ESTIMATORS = ("k1", "k3")
+MIXED_PRECISION = (None, "no", "bf16", "fp16", "auto")
 
 
 @dataclass
@@ -23,7 +24,10 @@ class PPOConfig:
     """Seed of the global RNGs, the prompt sampler and evaluation sampling (plus the process index under DDP)."""
 
     learning_rate: float = 1.41e-5
-    """Adam learning rate of the policy LoRA and value head (gpt2-sentiment: 1.41e-5; a fresh tiny LoRA likes ~1e-3)."""
+    """Adam learning rate of the policy LoRA (gpt2-sentiment: 1.41e-5 for FULL fine-tuning; LoRA wants ~10x that)."""
+    value_head_learning_rate: float | None = None
+    """Learning rate of the value head (its own Adam parameter group; a head trained from scratch may want a
+    larger one than the LoRA); None = `learning_rate`."""
     batch_size: int = 128
     """Rollouts (prompt + response) per PPO step and process (gpt2-sentiment: 128)."""
     mini_batch_size: int = 128
@@ -66,10 +70,11 @@ class PPOConfig:
     """Sampling temperature. Every logprob (rollout, reference, training) is computed from logits / temperature."""
     max_new_tokens: int = 16
     """Response length cap in tokens (gpt2-sentiment sampled 4-16)."""
-    min_response_tokens: int | None = None
-    """Responses shorter than this get `short_response_penalty`; None = 3/4 of max_new_tokens, 0 = off."""
+    min_response_tokens: int = 0
+    """Responses shorter than this many tokens get `short_response_penalty` (the anti-collapse guard); 0 = off.
+    Off by default like every score shaping here; the profiles turn it on (3/4 of max_new_tokens)."""
     short_response_penalty: float = -2.0
-    """Added to the score of a response shorter than `min_response_tokens` (the anti-collapse guard)."""
+    """Added to the score of a response shorter than `min_response_tokens` (only when that is > 0)."""
     missing_eos_penalty: float | None = None
     """Added to the score of a response that ends without EOS (cut by max_new_tokens); None = off."""
     normalize_scores: bool = False
@@ -85,6 +90,10 @@ class PPOConfig:
     """Evaluate on the held-out prompts every this many steps inside `train()`; 0 = only when called."""
     save_every: int = 0
     """Write a checkpoint every this many steps when `train()` has an output_dir; 0 = only at the end."""
+    mixed_precision: str | None = None
+    """"no", "bf16", "fp16", or "auto" (bf16 where the hardware computes it fast: CUDA with bf16, CPUs with
+    AMX/avx512_bf16; else fp32); None = Accelerate's setting (`accelerate config`, ACCELERATE_MIXED_PRECISION).
+    Whatever it is, generation, rollout, reference, reward and training forwards all run under it."""
     log_with: str | None = None
     """Also log stats to an Accelerate tracker ("tensorboard", "wandb", ...); None = history and progress bar only."""
     logging_dir: str | None = None
@@ -122,11 +131,18 @@ class PPOConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise MarlInputError(f"PPOConfig.{name}={value!r} must be a positive number or None (off)")
-        if self.min_response_tokens is not None and not (
-                isinstance(self.min_response_tokens, int) and 0 <= self.min_response_tokens <= self.max_new_tokens):
+        if not (isinstance(self.min_response_tokens, int) and not isinstance(self.min_response_tokens, bool)
+                and 0 <= self.min_response_tokens <= self.max_new_tokens):
             raise MarlInputError(f"PPOConfig.min_response_tokens={self.min_response_tokens!r} must be an integer in "
-                                 f"[0, max_new_tokens={self.max_new_tokens}] (0 = off), or None for 3/4 of "
-                                 "max_new_tokens")
+                                 f"[0, max_new_tokens={self.max_new_tokens}] (0 = off)")
+        if self.value_head_learning_rate is not None and not (
+                isinstance(self.value_head_learning_rate, (int, float)) and math.isfinite(self.value_head_learning_rate)
+                and self.value_head_learning_rate > 0):
+            raise MarlInputError(f"PPOConfig.value_head_learning_rate={self.value_head_learning_rate!r} must be a "
+                                 "positive number, or None to use learning_rate")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise MarlInputError(f"PPOConfig.mixed_precision={self.mixed_precision!r} is unknown; use one of "
+                                 f"{MIXED_PRECISION}")
         for name in ["steps", "eval_every", "save_every"]:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -136,13 +152,6 @@ class PPOConfig:
     def backward_batch_size(self) -> int:
         """Rollouts behind one optimizer step: mini_batch_size * gradient_accumulation_steps."""
         return self.mini_batch_size * self.gradient_accumulation_steps
-
-    @property
-    def min_response_length(self) -> int:
-        """The effective `min_response_tokens`: None resolves to ceil(3/4 * max_new_tokens), read at use time."""
-        if self.min_response_tokens is None:
-            return math.ceil(0.75 * self.max_new_tokens)
-        return self.min_response_tokens
 
     def to_dict(self) -> dict:
         """Plain dict of all fields (for trackers and checkpoints)."""

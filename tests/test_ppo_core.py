@@ -235,7 +235,7 @@ def test_config_rejects_bad_values(field, value, message):
         PPOConfig(**kwargs)
 
 
-def test_config_min_response_length_follows_max_new_tokens():
-    assert PPOConfig(max_new_tokens=16).min_response_length == 12
-    assert PPOConfig(max_new_tokens=10).min_response_length == 8
-    assert PPOConfig(max_new_tokens=10, min_response_tokens=0).min_response_length == 0
+def test_config_score_shaping_is_off_by_default():
+    config = PPOConfig()
+    assert config.min_response_tokens == 0 and config.missing_eos_penalty is None and config.score_clip is None
+    assert not config.normalize_scores and not config.whiten_rewards

@@ -265,12 +265,12 @@ def test_gradient_clipping_and_early_stopping(stand_ins, tok):
 
 
 def test_anti_collapse_penalty_and_score_shaping(stand_ins, tok):
-    cfg = config(max_new_tokens=8, min_response_tokens=None, missing_eos_penalty=-1.0, score_clip=2.5)
+    cfg = config(max_new_tokens=8, min_response_tokens=6, missing_eos_penalty=-1.0, score_clip=2.5)
     trainer = PPOTrainer(cfg, make_model(stand_ins["llama"]), tok)
     eos = tok.eos_token_id
     responses = [torch.tensor([5, eos]), torch.tensor([5] * 8), torch.tensor([5] * 5 + [eos]), torch.tensor([5] * 8)]
     shaped, info = trainer.shape_scores(responses, torch.tensor([1.0, 1.0, 1.0, 5.0]))
-    # 6 = 3/4 of 8 is the minimum length; 2 tokens pays -2, 8 tokens without EOS pays -1, 5.0 - 1 is clipped
+    # 6 is the minimum length: 2 tokens pays -2, 8 tokens without EOS pays -1, 5.0 - 1 is clipped
     assert shaped.tolist() == [-1.0, 0.0, 1.0, 2.5]
     assert info == {"env/short_response_frac": 0.25, "env/eos_frac": 0.5}
 
