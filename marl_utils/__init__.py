@@ -6,9 +6,12 @@ The seed document's API, with `marl_utils` in place of `trl`:
 """
 
 from .errors import MarlInputError
+from .known_warnings import silence_known_library_warnings
 from .modeling import AutoModelForCausalLMWithValueHead, ValueHead
 from .ppo import PPOTrainer
 from .ppo_config import PPOConfig
+
+silence_known_library_warnings()
 
 __version__ = "0.1.0"
 

@@ -6,16 +6,21 @@ Layout of one checkpoint, `OUT/checkpoints/step-000010/`:
                          on its own with AutoModelForCausalLMWithValueHead.from_pretrained
     trainer_state.pt     optimizer, KL controller, score statistics, step counter, history, RNG states of
                          every process
-    checkpoint.json      format marker, step, adapter names (read first, so a foreign folder fails fast)
+    checkpoint.json      format marker, step, adapter names, the PPOConfig and a fingerprint of the prompts
+                         the run trained on (read first, so a foreign folder fails fast)
 
 The folder is written into a temporary sibling and renamed into place (`atomic_dir`); only then is
 `OUT/checkpoints/latest` rewritten (atomically) to name it. An interrupted save therefore leaves the
 previous checkpoint and the pointer as they were. Loading reads and checks every file before it
 changes anything in the trainer.
+
+Resuming is exact or refused: a checkpoint continues only under the settings it ran with (every PPOConfig
+field that changes the maths, and the same prompt set); `steps`, evaluation, saving and logging may differ.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -30,6 +35,17 @@ from .errors import MarlInputError
 FORMAT = "marl_utils.ppo_checkpoint"
 VERSION = 1
 INFO_FILE, STATE_FILE, MODEL_DIR, LATEST = "checkpoint.json", "trainer_state.pt", "model", "latest"
+# PPOConfig fields a resumed run may change: they decide how long, how often and where, not what is computed
+RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "log_with", "logging_dir"}
+
+
+def prompts_fingerprint(prompts) -> str:
+    """sha256 over the token ids of the whole prompt set, in order: the same prompts give the same string."""
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(prompt.detach().cpu().to(torch.int64).numpy().tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
 
 
 def _rng_state(trainer) -> dict:
@@ -71,7 +87,8 @@ def save_checkpoint(trainer, checkpoints_dir) -> Path:
         info = {"format": FORMAT, "version": VERSION, "step": trainer.step_count,
                 "policy_adapter_name": trainer.policy_adapter_name,
                 "policy_adapter_names": list(trainer.model.policy_adapter_names),
-                "num_processes": accelerator.num_processes}
+                "num_processes": accelerator.num_processes, "config": trainer.config.to_dict(),
+                "prompts_fingerprint": getattr(trainer, "prompts_digest", None)}
         for stray in [*root.glob(f".{final.name}.tmp-*"), *root.glob(f".{final.name}.old-*")]:
             shutil.rmtree(stray, ignore_errors=True)  # left by a process killed while it saved this same step
         with atomic_dir(final) as tmp:
@@ -119,6 +136,7 @@ def _read_checkpoint(folder: Path, trainer):
                              "folder written by PPOTrainer.save_checkpoint or train(output_dir=...)")
     if info.get("version") != VERSION:
         raise MarlInputError(f"{folder} is a version {info.get('version')} checkpoint; this marl_utils reads {VERSION}")
+    check_same_run(folder, info, trainer)
     missing = [n for n in info["policy_adapter_names"] if n not in trainer.model.policy_adapter_names]
     if missing:
         raise MarlInputError(f"{folder} holds policy adapters {missing} that this model lacks "
@@ -137,6 +155,24 @@ def _read_checkpoint(folder: Path, trainer):
                              "inconsistent: delete it and resume from an earlier one")
     _check_fits(folder, trainer, info, adapters, heads)
     return info, state, adapters, heads
+
+
+def check_same_run(folder: Path, info: dict, trainer) -> None:
+    """The settings and prompts of the run that wrote `folder` are this trainer's, or a clear error."""
+    saved = info.get("config") or {}
+    mine = trainer.config.to_dict()
+    changed = [f"{k}: {saved[k]!r} in the checkpoint, {mine[k]!r} now" for k in sorted(set(saved) & set(mine))
+               if k not in RESUMABLE_CHANGES and saved[k] != mine[k]]
+    if changed:
+        listed = "; ".join(changed[:3]) + (f"; ... ({len(changed)} in all)" if len(changed) > 3 else "")
+        raise MarlInputError(f"checkpoint {folder} ran with other PPO settings ({listed}); a resumed run continues "
+                             "exactly or not at all: resume with the settings it was written with (only steps, "
+                             "eval_every, save_every and logging may change), or start a new run in another folder")
+    theirs, ours = info.get("prompts_fingerprint"), getattr(trainer, "prompts_digest", None)
+    if theirs and ours and theirs != ours:
+        raise MarlInputError(f"checkpoint {folder} trained on another prompt set than the one passed to train() "
+                             "(their fingerprints differ); resume with the same prompts (same dataset, seed and "
+                             "sizes), or start a new run in another folder")
 
 
 def _check_fits(folder: Path, trainer, info: dict, adapters: dict, heads: dict) -> None:

@@ -72,6 +72,13 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return width - 1 - attention_mask.long().flip(-1).argmax(-1)
 
 
+def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """[B] index of the rightmost token whose id is not `pad_token_id`: where HF's *ForSequenceClassification
+    reads its score. With pad == EOS that is the token BEFORE a trailing EOS, where such a head was trained."""
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return (positions * (input_ids != pad_token_id)).argmax(-1)
+
+
 def _lora_config_for_causal_lm(peft_config, what: str):
     """Reject non-LoRA configs; a config without a task type becomes a causal-LM one (a copy)."""
     if getattr(peft_config, "peft_type", None) is None or str(getattr(peft_config.peft_type, "value",
@@ -138,17 +145,30 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         return next((output if output is not None else self.pretrained_model).parameters()).device
 
     # ---------------------------------------------------------------- policy forward / generation
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
-        """(lm_logits [B,T,V] float32, loss or None, values [B,T] float32) with the active policy adapter."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep: int = 0, **kwargs):
+        """(lm_logits [B,T,V] float32, loss or None, values [B,T] float32) with the active policy adapter.
+
+        Inputs may live on any device; outputs are on the model's device. `logits_to_keep=K > 0` computes the
+        logits of the last K positions only ([B,K,V]): PPO needs them at the response tokens alone, which
+        end every left-padded row, and the vocabulary projection is the largest matmul of a small model.
+        """
+        input_ids, attention_mask, position_ids = self._on_input_device(input_ids, attention_mask, position_ids)
         if position_ids is None and attention_mask is not None:
             position_ids = position_ids_from_mask(attention_mask)
         kwargs.pop("return_dict", None)
         kwargs.pop("output_hidden_states", None)
         kwargs.setdefault("use_cache", False)  # a training forward needs no KV cache
+        if logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
         out = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     output_hidden_states=True, return_dict=True, **kwargs)
         values = self.v_head(out.hidden_states[-1])  # last hidden state (after the final norm)
         return out.logits.float(), out.loss, values
+
+    def _on_input_device(self, *tensors):
+        """Move token tensors to where the embeddings are (None stays None): callers may pass CPU tensors."""
+        device = self.pretrained_model.get_base_model().get_input_embeddings().weight.device
+        return tuple(t.to(device) if torch.is_tensor(t) and t.device != device else t for t in tensors)
 
     def generate(self, *args, **kwargs):
         """`generate` of the peft model: samples with the active policy adapter."""
@@ -157,13 +177,18 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     # ---------------------------------------------------------------- reference policy
     @contextlib.contextmanager
     def reference(self):
-        """All adapters disabled: the peft model is the plain base (the reference policy). Use with no_grad."""
-        with self.pretrained_model.disable_adapter():
+        """All adapters disabled: the peft model is the plain base (the reference policy). Use with no_grad.
+
+        peft re-enables adapters on exit by re-activating them, which makes the active adapter trainable
+        again (even one loaded with is_trainable=False); every requires_grad flag is restored here.
+        """
+        with self._preserved_state(), self.pretrained_model.disable_adapter():
             yield self.pretrained_model
 
     @torch.no_grad()
     def reference_logits(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         """[B,T,V] float32 logits of the reference policy, in eval mode (no dropout), no gradients."""
+        input_ids, attention_mask, position_ids = self._on_input_device(input_ids, attention_mask, position_ids)
         if position_ids is None and attention_mask is not None:
             position_ids = position_ids_from_mask(attention_mask)
         with self._preserved_state(), self.reference():
@@ -175,12 +200,16 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     # ---------------------------------------------------------------- reward model
     @torch.no_grad()
     def compute_reward_score(self, input_ids, attention_mask=None, ppo_adapter_name=None, per_token=False, **kwargs):
-        """[B] float32 reward of each row, read at its last non-pad token (left or right padding).
+        """[B] float32 reward of each row, read at its last real token (left or right padding).
 
-        Runs the reward adapter and its score head in eval mode without gradients. Afterwards the policy
-        adapter `ppo_adapter_name` (default: the one active before) is active, and every `requires_grad` flag
-        and train/eval mode is as before, also if the forward raises. `per_token=True` returns the [B,T]
-        scores of every position instead (position t scores the prefix up to t; pad positions are junk).
+        "Last real token" is where the reward head was trained to be read: the last attended token; or, when
+        the base's `pad_token_id` equals its EOS (TRL's RewardTrainer sets pad = EOS on tokenizers without a
+        pad token), the last token that is not pad, as HF's *ForSequenceClassification reads it (the token
+        before a trailing EOS). Runs the reward adapter and its score head in eval mode without gradients.
+        Inputs may live on any device; the scores are on the model's device. Afterwards the policy adapter
+        `ppo_adapter_name` (default: the one active before) is active, and every `requires_grad` flag and
+        train/eval mode is as before, also if the forward raises. `per_token=True` returns the [B,T] scores
+        of every position instead (position t scores the prefix up to t; pad positions are junk).
         """
         if self.reward_adapter_name is None:
             raise MarlInputError("this model has no reward adapter: pass reward_adapter=<stage-2 folder or hub id> to "
@@ -188,10 +217,11 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         policy_after = self._check_policy_name(ppo_adapter_name) if ppo_adapter_name is not None else self._active_policy
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        position_ids = kwargs.pop("position_ids", None)
+        input_ids, attention_mask, position_ids = self._on_input_device(input_ids, attention_mask, position_ids)
         empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
         if empty:
             raise MarlInputError(f"rows {empty} of attention_mask are all zeros: there is no token to score")
-        position_ids = kwargs.pop("position_ids", None)
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         with self._preserved_state():
@@ -203,7 +233,15 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             self.set_policy_adapter(policy_after)
         if per_token:
             return scores
-        return scores.gather(-1, last_token_index(attention_mask).unsqueeze(-1)).squeeze(-1)
+        return scores.gather(-1, self.reward_token_index(input_ids, attention_mask).unsqueeze(-1)).squeeze(-1)
+
+    def reward_token_index(self, input_ids, attention_mask) -> torch.Tensor:
+        """[B] position whose hidden state the reward head reads (see `compute_reward_score`)."""
+        pad, eos = self.config.pad_token_id, self.config.eos_token_id
+        eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        if pad is not None and pad in eos_ids:
+            return last_non_pad_index(input_ids, pad)
+        return last_token_index(attention_mask)
 
     def _last_hidden_state(self, input_ids, attention_mask, position_ids, **kwargs) -> torch.Tensor:
         # The body alone, as AutoModelForSequenceClassification runs it: no [B,T,V] logits to compute.
@@ -238,11 +276,24 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
 
     # ---------------------------------------------------------------- several policies
     def _check_policy_name(self, name) -> str:
+        if name not in self.policy_adapter_names and self._is_foreign_lora(name):
+            self._adopt_policy_adapter(name)  # added with peft's own add_adapter, as the seed shows
         if name not in self.policy_adapter_names:
             extra = " (that is the frozen reward adapter)" if name == self.reward_adapter_name else ""
             raise MarlInputError(f"no policy adapter named {name!r}{extra}; policy adapters: {self.policy_adapter_names}. "
                                  "Add one with model.add_policy_adapter(name, lora_config)")
         return name
+
+    def _is_foreign_lora(self, name) -> bool:
+        config = self.pretrained_model.peft_config.get(name) if isinstance(name, str) else None
+        return (config is not None and name != self.reward_adapter_name
+                and str(getattr(config.peft_type, "value", config.peft_type)) == "LORA")
+
+    def _adopt_policy_adapter(self, name: str) -> None:
+        """A LoRA adapter added to `pretrained_model` with peft's `add_adapter` becomes a policy with a value head."""
+        self.policy_adapter_names.append(name)
+        hidden, _ = hidden_and_vocab_size(self.config)
+        self.v_heads[name] = ValueHead(hidden, self.value_head_dropout).to(self._head_device())
 
     def add_policy_adapter(self, name: str, lora_config) -> None:
         """A further policy adapter (with its own value head) on the same base; not active until selected."""

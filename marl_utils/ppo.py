@@ -5,22 +5,27 @@ The step reads top to bottom like CleanRL's `ppo.py`:
     responses = trainer.generate(queries)                       # sample from the policy adapter
     scores = trainer.score(queries, responses)                  # reward adapter, at the last real token
     stats = trainer.step(queries, responses, scores)            # one PPO step:
-        # 1. forward over the generated ids: old logprobs and values (policy), ref logprobs (adapters off)
+        # 1. no-grad forward over the generated ids: old logprobs and values (policy), ref logprobs (adapters
+        #    off), fused into one batched forward where peft allows (rollout.py)
         # 2. per-token rewards -beta * KL_t, plus the score at the last response token
-        # 3. GAE advantages and returns, advantages whitened over the batch's response tokens
+        # 3. GAE advantages and returns, advantages whitened over the response tokens of all processes
         # 4. ppo_epochs over shuffled minibatches: clipped policy loss + vf_coef * clipped value loss
         # 5. KL controller update, statistics (masked means only)
-    trainer.log_stats(stats, batch, scores)         # -> trainer.history
+    trainer.log_stats(stats, rewards=scores)                    # -> trainer.history (and trackers)
 
-`train()` loops that with a progress bar, evaluation and checkpoints. Every forward pass runs with the
-model in eval mode: dropout (in the base, the LoRA layers and the value head) would make the training
-forward differ from the rollout forward, so the first epoch would not start at ratio 1. Gradients flow
-in eval mode all the same.
+`train()` loops that with a progress bar, evaluation and checkpoints; there the reward pass joins the fused
+rollout forward. Devices: every public method takes token tensors on any device and works on the
+trainer's device (`trainer.device`); responses, scores and batches come back on that device. Precision:
+every forward of a step (generation, rollout, reference, reward, training) runs under the same autocast,
+so at step 0 policy == reference exactly. Dropout is off in the rollout and training forwards (so the
+first epoch starts at ratio 1) by setting its probabilities to 0, not by eval mode, which would also turn
+HF gradient checkpointing off (forward_modes.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import time
 import warnings
@@ -29,23 +34,25 @@ from pathlib import Path
 import torch
 
 from .errors import MarlInputError
+from .forward_modes import eval_mode, train_mode_without_dropout
 from .ppo_config import PPOConfig
 from .ppo_core import (AdaptiveKLController, FixedKLController, RunningMoments, build_rollout_batch, compute_gae,
-                       compute_rewards, cut_after_eos, distinct_n, entropy_from_logits, explained_variance, kl_penalty,
-                       left_pad, logprobs_from_logits, masked_mean, masked_whiten, policy_loss, value_loss)
+                       compute_rewards, cut_after_eos, distinct_n, global_masked_moments, kl_penalty, left_pad,
+                       masked_mean, masked_whiten, policy_loss, value_loss)
 from .ppo_inputs import check_context, check_step_inputs, check_token_lists, generation_kwargs
+from .precision import resolve_mixed_precision, warn_if_slow
+from .rollout import (can_fuse, fused_rollout, policy_forward, reference_forward, response_view,
+                      separate_rollout)
 
 
-@contextlib.contextmanager
-def eval_mode(model):
-    """Dropout off for the duration (every submodule), then each module's mode as it was."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, mode in modes:
-            module.training = mode
+def has_accelerator() -> bool:
+    """A GPU-like device torch can train on (CUDA, XPU, MPS); checked without `torch.accelerator` (torch >= 2.6)."""
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return True
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 class PPOTrainer:
@@ -53,17 +60,17 @@ class PPOTrainer:
 
     The trainer trains the policy adapter that is active when it is built (for a second policy on the same
     model, `set_policy_adapter` it and build a second trainer). `ref_model` (optional) replaces the disabled
-    base as the reference. `step()` returns, all floats (means over the batch; token means over response
-    tokens only):
+    base as the reference. `step()` returns, all floats (means over the batch of every process; token means
+    over response tokens only):
       objective/kl, objective/kl_coef, objective/non_score_reward   KL to the reference in nats per sequence,
           beta, and -beta * KL; objective/entropy: policy entropy per response token
-      env/score_mean, env/score_std          raw reward-adapter scores
+      env/score_mean, env/score_std          raw reward-adapter scores (over all processes)
       env/reward_mean, env/reward_std        the scores PPO optimised (after penalties and clipping)
       env/short_response_frac, env/eos_frac  anti-collapse guard hits, responses that ended with EOS
       ppo/loss/{policy,value,total}, ppo/policy/{approxkl,clipfrac,ratio_mean}, ppo/val/{clipfrac,mean,
           explained_variance}, ppo/returns/mean, ppo/epochs (fewer than ppo_epochs after an early stop)
       ppo/policy/approxkl_first              of the first minibatch of the first epoch: ~0, else the training
-          forward differs from the rollout (dropout, padding, temperature)
+          forward differs from the rollout (dropout, padding, temperature, precision)
       ppo/response_tokens_mean, ppo/distinct_2   collapse shows here first: short, repetitive responses
       time/ppo/{rollout_forward,optimize,total}  seconds (train() adds time/rollout/{generate,score})
     """
@@ -71,7 +78,7 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, model, tokenizer, dataset=None, data_collator=None, optimizer=None,
                  ref_model=None):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
+        from accelerate.utils import DistributedType, set_seed
 
         if not isinstance(config, PPOConfig):
             raise MarlInputError(f"config must be a marl_utils.PPOConfig, got {type(config).__name__}")
@@ -86,21 +93,32 @@ class PPOTrainer:
                                      f"{method}); got {type(model).__name__}")
         self.config, self.tokenizer, self.ref_model = config, tokenizer, ref_model
         self.pad_token_id, self.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        # sync_with_dataloader=False: the end of a user's dataloader must not cut an accumulation group short
-        plugin = GradientAccumulationPlugin(num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False)
         # Accelerate only runs several CPU processes (gloo) when told cpu=True; torchrun alone would give
         # independent, unsynchronised copies on a machine without an accelerator.
-        cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
-        self.accelerator = Accelerator(gradient_accumulation_plugin=plugin, log_with=config.log_with,
-                                       project_dir=config.logging_dir, cpu=cpu_processes)
+        cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator()
+        use_cuda = torch.cuda.is_available() and not cpu_processes
+        mixed = resolve_mixed_precision(config.mixed_precision, use_cuda=use_cuda)
+        # No gradient-accumulation plugin: Accelerate keeps accumulation state in one object shared by every
+        # Accelerator of the process, so two trainers (notebook 05) would rescale each other's gradients.
+        # The trainer accumulates itself (`_ppo_epochs`).
+        try:
+            self.accelerator = Accelerator(log_with=config.log_with, project_dir=config.logging_dir, cpu=cpu_processes,
+                                           **({} if mixed is None else {"mixed_precision": mixed}))
+        except ValueError as err:
+            if "already been initialized" not in str(err):
+                raise
+            raise MarlInputError(f"another PPOTrainer (or Accelerator) in this process runs with other precision or "
+                                 f"device settings ({err}); one process uses one setting: give this trainer the same "
+                                 "PPOConfig.mixed_precision, or restart the kernel") from None
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             # model and optimizer are prepared apart (the model also serves generate, reference and reward), so
             # there is no DeepSpeed engine, and backward() would fail after the first rollout
             raise MarlInputError("PPOTrainer runs data-parallel (DDP), not under DeepSpeed: launch it without a "
                                  "DeepSpeed config (`accelerate config`: multi-GPU, DeepSpeed no). With LoRA on a "
                                  "frozen base the state ZeRO-2 would shard is only the adapter, value head and Adam")
+        warn_if_slow(self.accelerator.mixed_precision, self.accelerator.device.type == "cuda")
         set_seed(config.seed + self.accelerator.process_index)  # each process samples its own rollouts
-        self.prompt_generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
+        self.prompt_generator = torch.Generator().manual_seed(config.seed)  # the same on every process
 
         self.model = model  # the plain model: generate, reference, compute_reward_score, save_pretrained
         self.policy_adapter_name = model.active_adapter
@@ -117,9 +135,11 @@ class PPOTrainer:
         placed = bool(getattr(base, "hf_device_map", None)) or getattr(base, "hf_quantizer", None) is not None
         # the prepared model is DDP-wrapped under several processes; it is only used for training forwards
         self.policy = self.accelerator.prepare_model(model, device_placement=not placed)
-        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+        # A plain optimizer: Accelerate's wrapper skips steps according to the shared accumulation state.
+        self.optimizer = optimizer
         if ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self.fuse_rollout = self._choose_fused_rollout()
         self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target_kl, config.horizon)
                        if config.adap_kl_ctrl else FixedKLController(config.init_kl_coef))
         self.score_moments = RunningMoments()  # for config.normalize_scores
@@ -131,23 +151,43 @@ class PPOTrainer:
         if config.log_with:
             self.accelerator.init_trackers("marl_ppo", config=config.to_dict())
         self.step_count, self.history, self._progress = 0, [], None
+        self.prompts_digest = None  # of the prompts train() ran on, kept in checkpoints
 
     @property
     def device(self) -> torch.device:
+        """Where the trainer works and where its outputs (responses, scores) live."""
         return self.accelerator.device
+
+    def _choose_fused_rollout(self) -> bool:
+        """One batched forward for policy + reference (+ reward) rows, or separate passes: see rollout.py.
+
+        Fused unless a separate `ref_model` is the reference (then there is nothing to share) or peft cannot
+        run per-row adapters. `PPOConfig.fused_rollout` overrides the rule.
+        """
+        wanted = self.config.fused_rollout
+        possible = self.ref_model is None and can_fuse(self.model)
+        if wanted and not possible:
+            raise MarlInputError("PPOConfig.fused_rollout=True needs the disabled base as the reference (no ref_model) "
+                                 "and peft's per-row adapters; use fused_rollout=None or False")
+        return possible if wanted is None else wanted
 
     def _activate_policy(self):
         # another trainer on the same model (notebook 05) may have switched adapters since our last call
         if self.model.active_adapter != self.policy_adapter_name:
             self.model.set_policy_adapter(self.policy_adapter_name)
 
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (the tensor itself in one process): global token counts and moments."""
+        return self.accelerator.reduce(tensor, "sum") if self.accelerator.num_processes > 1 else tensor
+
     # ------------------------------------------------------------------------------------------ rollout
     @torch.no_grad()
     def generate(self, query_tensors, batch_size: int = 4, return_prompt: bool = False, **gen_kwargs):
         """Sample a response for each prompt (list of 1-D token tensors in, list of 1-D tensors out).
 
-        Prompts are left-padded in chunks of `batch_size` (mask from lengths, so pad == eos is fine); each
-        response is cut after its first EOS (EOS kept). A single 1-D tensor in gives a single tensor out.
+        Prompts (on any device) are left-padded in chunks of `batch_size` (mask from lengths, so pad == eos is
+        fine); each response, on the trainer's device, is cut after its first EOS (EOS kept). A single 1-D
+        tensor in gives a single tensor out.
         """
         single = torch.is_tensor(query_tensors) and query_tensors.dim() == 1
         queries = [query_tensors] if single else list(query_tensors)
@@ -157,7 +197,7 @@ class PPOTrainer:
         check_context(self.model, longest + (kwargs.get("max_new_tokens") or 0), "a prompt plus max_new_tokens")
         self._activate_policy()
         outputs = []
-        with eval_mode(self.model):
+        with eval_mode(self.model), self.accelerator.autocast():
             for start in range(0, len(queries), batch_size):
                 chunk = [q.to(self.device) for q in queries[start:start + batch_size]]
                 input_ids, attention_mask = left_pad(chunk, self.pad_token_id)
@@ -169,47 +209,57 @@ class PPOTrainer:
 
     @torch.no_grad()
     def score(self, queries, responses) -> torch.Tensor:
-        """[B] reward-adapter scores of query + response, read at each row's last real token."""
+        """[B] float32 reward-adapter scores of query + response (any device in, the trainer's device out)."""
         self._activate_policy()
         scores = []
-        for start in range(0, len(queries), self.config.mini_batch_size):
-            end = start + self.config.mini_batch_size
-            batch = build_rollout_batch([q.to(self.device) for q in queries[start:end]],
-                                        [r.to(self.device) for r in responses[start:end]], self.pad_token_id)
-            scores.append(self.model.compute_reward_score(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], ppo_adapter_name=self.policy_adapter_name))
+        with self.accelerator.autocast():
+            for start in range(0, len(queries), self.config.mini_batch_size):
+                end = start + self.config.mini_batch_size
+                batch = build_rollout_batch(queries[start:end], responses[start:end], self.pad_token_id,
+                                            device=self.device)
+                scores.append(self.model.compute_reward_score(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], ppo_adapter_name=self.policy_adapter_name))
         return torch.cat(scores).float()
 
-    def _forward(self, model, batch, rows, with_values: bool = True):
-        """(logprobs, values, logits / T) of `rows` of the batch, all over positions 0..W-2 ([b,W-1], [b,W-1,V])."""
-        input_ids = batch["input_ids"][rows]
-        inputs = dict(input_ids=input_ids, attention_mask=batch["attention_mask"][rows],
-                      position_ids=batch["position_ids"][rows])
-        out = model(**inputs)
-        logits = out[0] if isinstance(out, tuple) else out.logits
-        logits = logits[:, :-1].float() / self.config.temperature  # logits at t predict token t+1
-        values = out[2][:, :-1] if with_values else None
-        return logprobs_from_logits(logits, input_ids[:, 1:]), values, logits
+    def rollout_forward(self, batch: dict, with_reward: bool = False):
+        """Step 1 of `step`: old logprobs, values and reference logprobs at the response positions ([B,R]).
+
+        `with_reward` also scores the rows with the reward adapter in the same fused forward (train() uses it).
+        """
+        chunk = self.config.mini_batch_size
+        with torch.no_grad(), self.accelerator.autocast():
+            if self.fuse_rollout:
+                with eval_mode(self.model):  # peft runs per-row adapters in eval mode only; dropout is off there
+                    return fused_rollout(self.model, batch, chunk, self.config.temperature, with_reward)
+            with train_mode_without_dropout(self.model):  # the mode of the training forward (see forward_modes)
+                rollout = separate_rollout(self.model, self.policy, batch, chunk, self.config.temperature,
+                                           self.ref_model)
+        if with_reward:
+            rollout.scores = self.score_batch(batch)
+        return rollout
 
     @torch.no_grad()
-    def _reference_logprobs(self, batch, rows) -> torch.Tensor:
-        if self.ref_model is not None:
-            with eval_mode(self.ref_model):
-                logprobs, _, _ = self._forward(self.ref_model, batch, rows, with_values=False)
-            return logprobs
-        with self.model.reference() as reference:
-            logprobs, _, _ = self._forward(reference, batch, rows, with_values=False)
-        return logprobs
+    def score_batch(self, batch: dict) -> torch.Tensor:
+        """[B] reward-adapter scores of a rollout batch (the rows as `build_rollout_batch` laid them out)."""
+        scores = []
+        with self.accelerator.autocast():
+            rows_all = torch.arange(batch["input_ids"].shape[0], device=self.device)
+            for rows in rows_all.split(self.config.mini_batch_size):
+                scores.append(self.model.compute_reward_score(
+                    input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                    position_ids=batch["position_ids"][rows], ppo_adapter_name=self.policy_adapter_name))
+        return torch.cat(scores).float()
 
     # ------------------------------------------------------------------------------------------ PPO step
     def shape_scores(self, responses, scores: torch.Tensor):
         """Scores PPO optimises: raw score (optionally normalised) + anti-collapse / missing-EOS penalties, clipped.
 
-        A reward hack seen in practice: the policy learns one short stock sentence plus EOS, which the reward
-        adapter likes and the KL penalty barely notices (few tokens, few nats). Responses shorter than
-        `min_response_tokens` tokens pay `short_response_penalty`. This is unbiased, unlike forcing length
-        with min_new_tokens, which would sample from a distribution other than the policy's.
+        All of it is off by default (PPOConfig); the profiles turn the short-response penalty on. A reward hack
+        seen in practice: the policy learns one short stock sentence plus EOS, which the reward adapter likes
+        and the KL penalty barely notices (few tokens, few nats). Responses shorter than `min_response_tokens`
+        pay `short_response_penalty`. This is unbiased, unlike forcing length with min_new_tokens, which would
+        sample from a distribution other than the policy's.
         """
         if self.config.normalize_scores:
             self.score_moments.update(self.accelerator.gather(scores))  # all processes' scores
@@ -227,100 +277,60 @@ class PPOTrainer:
                         "env/eos_frac": ends_with_eos.float().mean().item()}
 
     def step(self, queries, responses, scores) -> dict:
-        """One PPO step on batch_size rollouts: returns the statistics (floats) of the step."""
-        cfg, accelerator = self.config, self.accelerator
-        raw_scores = check_step_inputs(self.model, queries, responses, scores, cfg.batch_size, self.device)
+        """One PPO step on batch_size rollouts (tensors on any device): returns the statistics (floats)."""
+        raw_scores = check_step_inputs(self.model, queries, responses, scores, self.config.batch_size, self.device)
         responses = [cut_after_eos(r, self.eos_token_id) for r in responses]  # anything after EOS is padding
         self._activate_policy()
         t_start = time.perf_counter()
-        scores, stats = self.shape_scores(responses, raw_scores)
-        batch = build_rollout_batch([q.to(self.device) for q in queries], [r.to(self.device) for r in responses],
-                                    self.pad_token_id)
-        mask = batch["response_mask"]
-        rows_all = torch.arange(cfg.batch_size, device=self.device)
-        minibatches = list(rows_all.split(cfg.mini_batch_size))
+        batch = build_rollout_batch(queries, responses, self.pad_token_id, device=self.device)
+        rollout = self.rollout_forward(batch)  # 1. old logprobs, values, reference logprobs
+        return self._step_on_rollout(batch, rollout, raw_scores, responses, t_start)
 
-        # 1. rollout forward: old logprobs, values and the reference's logprobs over the generated ids
-        with torch.no_grad(), eval_mode(self.model):
-            logprobs, values, entropy = [], [], []
-            for rows in minibatches:  # [b,W-1] each; the [b,W,V] logits are dropped right away
-                rollout_logprobs, rollout_values, logits = self._forward(self.policy, batch, rows)
-                logprobs.append(rollout_logprobs)
-                values.append(rollout_values)
-                entropy.append(entropy_from_logits(logits))
-            logprobs, values, entropy = torch.cat(logprobs), torch.cat(values), torch.cat(entropy)
-            ref_logprobs = torch.cat([self._reference_logprobs(batch, rows) for rows in minibatches])
-        # 2. per-token rewards; 3. advantages
+    def _step_on_rollout(self, batch, rollout, raw_scores, responses, t_start) -> dict:
+        cfg, accelerator = self.config, self.accelerator
+        mask = rollout.mask
+        state_before = self._trainable_state()  # a failed step puts it back: no half-applied update
+        scores, stats = self.shape_scores(responses, raw_scores)
+        # 2. per-token rewards; 3. advantages (whitened with the moments of all processes' tokens)
         kl_coef = self.kl_ctl.value
-        rewards, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
+        rewards, kl = compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef, cfg.kl_estimator)
         if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce_sum=self._all_reduce_sum)
+        advantages, returns = compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask, all_reduce_sum=self._all_reduce_sum)
         t_rollout = time.perf_counter()
 
-        # 4. PPO epochs over shuffled minibatches, one optimizer step per backward batch
-        epoch_stats, first_approxkl, epochs_run = [], None, 0
-        with eval_mode(self.model):
-            for epoch in range(cfg.ppo_epochs):
-                order = torch.randperm(cfg.batch_size).to(self.device)
-                per_epoch = []
-                for group in order.split(cfg.backward_batch_size):
-                    group_tokens = mask[group].sum().clamp(min=1)
-                    for rows in group.split(cfg.mini_batch_size):
-                        with accelerator.accumulate(self.policy):
-                            new_logprobs, new_values, _ = self._forward(self.policy, batch, rows)
-                            m = mask[rows]
-                            pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[rows], advantages[rows], m,
-                                                            cfg.cliprange)
-                            vf_loss, vf_stats = value_loss(new_values, values[rows], returns[rows], m,
-                                                           cfg.cliprange_value)
-                            loss = pg_loss + cfg.vf_coef * vf_loss
-                            if not torch.isfinite(loss):
-                                raise FloatingPointError("the PPO loss is not finite; the update was stopped. Lower "
-                                                         "learning_rate or set max_grad_norm / score_clip")
-                            # Token-weighted: the group's minibatches sum to its masked mean, exactly what one
-                            # big minibatch would give (accelerate divides by the accumulation steps, undo it).
-                            weight = m.sum() / group_tokens * cfg.gradient_accumulation_steps
-                            accelerator.backward(loss * weight)
-                            if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                                accelerator.clip_grad_norm_(self.model.trainable_parameters(), cfg.max_grad_norm)
-                            self.optimizer.step()
-                            self.optimizer.zero_grad()
-                        if first_approxkl is None:
-                            first_approxkl = pg_stats["approxkl"].item()
-                        per_epoch.append(torch.stack([
-                            pg_loss.detach(), vf_loss.detach(), loss.detach(), pg_stats["approxkl"],
-                            pg_stats["clipfrac"], vf_stats["clipfrac"], pg_stats["ratio_mean"]]))
-                epoch_stats += per_epoch
-                epochs_run = epoch + 1
-                if cfg.early_stopping:
-                    # decided on the mean over processes: DDP processes must run the same number of backwards
-                    epoch_kl = accelerator.reduce(torch.stack(per_epoch)[:, 3].mean(), "mean")
-                    if epoch_kl > cfg.target_kl_early_stop:
-                        break
+        # 4. PPO epochs over shuffled minibatches
+        try:
+            epoch_stats, first_approxkl, epochs_run = self._ppo_epochs(batch, rollout, advantages, returns)
+        except FloatingPointError:
+            self._restore_trainable_state(state_before)
+            raise
         t_optimize = time.perf_counter()
 
         # 5. statistics (masked means: padding never counts) and the KL controller
         means = torch.stack(epoch_stats).mean(0).tolist()
         kl_per_sequence = kl.sum(-1)
         lengths = torch.tensor([float(len(r)) for r in responses])
+        all_scores = accelerator.gather(raw_scores) if accelerator.num_processes > 1 else raw_scores
+        _, var_returns = global_masked_moments(returns, mask, self._all_reduce_sum)
+        _, var_residual = global_masked_moments(returns - rollout.values, mask, self._all_reduce_sum)
         stats.update({
             "objective/kl": kl_per_sequence.mean().item(),
             "objective/kl_coef": kl_coef,
-            "objective/entropy": masked_mean(entropy, mask).item(),
+            "objective/entropy": masked_mean(rollout.entropy, mask).item(),
             "objective/non_score_reward": (-kl_coef * kl_per_sequence).mean().item(),
             "ppo/loss/policy": means[0], "ppo/loss/value": means[1], "ppo/loss/total": means[2],
             "ppo/policy/approxkl": means[3], "ppo/policy/clipfrac": means[4], "ppo/val/clipfrac": means[5],
             "ppo/policy/ratio_mean": means[6],
             "ppo/policy/approxkl_first": first_approxkl,
-            "ppo/val/mean": masked_mean(values, mask).item(),
-            "ppo/val/explained_variance": explained_variance(values, returns, mask).item(),
+            "ppo/val/mean": masked_mean(rollout.values, mask).item(),
+            "ppo/val/explained_variance": (1 - var_residual / var_returns.clamp(min=1e-8)).item(),
             "ppo/returns/mean": masked_mean(returns, mask).item(),
             "ppo/epochs": float(epochs_run),
             "env/reward_mean": scores.mean().item(), "env/reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-            "env/score_mean": raw_scores.mean().item(),
-            "env/score_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
+            "env/score_mean": all_scores.mean().item(),
+            "env/score_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
             "ppo/response_tokens_mean": lengths.mean().item(),
             "ppo/distinct_2": distinct_n(responses, 2),
         })
@@ -331,6 +341,93 @@ class PPOTrainer:
                       "time/ppo/total": time.perf_counter() - t_start})
         return stats
 
+    def _ppo_epochs(self, batch, rollout, advantages, returns):
+        """ppo_epochs passes over shuffled minibatches; one optimizer step per backward batch of
+        mini_batch_size * gradient_accumulation_steps rollouts. Returns (per-minibatch stats, first approx KL,
+        epochs run)."""
+        cfg, accelerator = self.config, self.accelerator
+        mask = rollout.mask
+        epoch_stats, first_approxkl, epochs_run = [], None, 0
+        with train_mode_without_dropout(self.model), accelerator.autocast():
+            for epoch in range(cfg.ppo_epochs):
+                order = torch.randperm(cfg.batch_size).to(self.device)
+                per_epoch = []
+                for group in order.split(cfg.backward_batch_size):
+                    group_tokens = self._all_reduce_sum(mask[group].sum()).clamp(min=1)
+                    minibatches = group.split(cfg.mini_batch_size)
+                    for i, rows in enumerate(minibatches):
+                        # DDP averages gradients over processes at the last backward of the group only
+                        sync = i == len(minibatches) - 1
+                        with contextlib.nullcontext() if sync else accelerator.no_sync(self.policy):
+                            new_logprobs, new_values, _ = policy_forward(self.policy, batch, rows, cfg.temperature)
+                            m = mask[rows]
+                            pg_loss, pg_stats = policy_loss(new_logprobs, rollout.logprobs[rows], advantages[rows], m,
+                                                            cfg.cliprange)
+                            vf_loss, vf_stats = value_loss(new_values, rollout.values[rows], returns[rows], m,
+                                                           cfg.cliprange_value)
+                            loss = pg_loss + cfg.vf_coef * vf_loss
+                            self._check_finite(loss)
+                            # Token-weighted: the group's minibatches, over all processes, sum to the masked mean
+                            # over the group's tokens, exactly what one big minibatch would give (DDP divides the
+                            # summed gradients by the number of processes, hence the factor).
+                            weight = m.sum() / group_tokens * accelerator.num_processes
+                            self._backward(loss * weight)
+                        if first_approxkl is None:
+                            first_approxkl = pg_stats["approxkl"].item()
+                        per_epoch.append(torch.stack([
+                            pg_loss.detach(), vf_loss.detach(), loss.detach(), pg_stats["approxkl"],
+                            pg_stats["clipfrac"], vf_stats["clipfrac"], pg_stats["ratio_mean"]]).float())
+                    self._optimizer_step()
+                epoch_stats += per_epoch
+                epochs_run = epoch + 1
+                if cfg.early_stopping:
+                    # decided on the mean over processes: DDP processes must run the same number of backwards
+                    epoch_kl = accelerator.reduce(torch.stack(per_epoch)[:, 3].mean(), "mean")
+                    if epoch_kl > cfg.target_kl_early_stop:
+                        break
+        return epoch_stats, first_approxkl, epochs_run
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Stop before a non-finite loss reaches the weights (decided on every process together under DDP)."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        if bad.item() > 0:
+            raise FloatingPointError("the PPO loss is not finite; no update of this step was kept (the adapter, "
+                                     "value head and optimizer are as before the step). Lower learning_rate or set "
+                                     "max_grad_norm / score_clip")
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        scaler = self.accelerator.scaler  # fp16 only: scale the loss so small gradients survive in half precision
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    def _optimizer_step(self) -> None:
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.config.max_grad_norm)
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _trainable_state(self) -> dict:
+        """Copies of what a step changes: trainable weights, optimizer state, score statistics."""
+        return {"params": [p.detach().clone() for p in self.model.trainable_parameters()],
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "score_moments": self.score_moments.state_dict()}
+
+    def _restore_trainable_state(self, state: dict) -> None:
+        with torch.no_grad():
+            for param, saved in zip(self.model.trainable_parameters(), state["params"]):
+                param.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.score_moments.load_state_dict(state["score_moments"])
+
     def _reduce(self, stats: dict) -> dict:
         """Average the statistics over processes (a no-op in a single process)."""
         if self.accelerator.num_processes == 1:
@@ -339,9 +436,12 @@ class PPOTrainer:
         values = self.accelerator.reduce(torch.tensor([stats[k] for k in keys], device=self.device), "mean")
         return dict(zip(keys, values.tolist()))
 
-    def log_stats(self, stats: dict, batch=None, rewards=None) -> dict:
-        """Record one step in `history` (and the progress bar / tracker); returns the recorded entry."""
-        entry = {"step": self.step_count, **stats}
+    def log_stats(self, stats: dict, batch=None, rewards=None, extra: dict | None = None) -> dict:
+        """Record one step in `history` (and the progress bar / tracker); returns the recorded entry.
+
+        `extra` (e.g. the eval/* numbers of this step) joins the entry before it goes to the trackers.
+        """
+        entry = {"step": self.step_count, **stats, **(extra or {})}
         if rewards is not None and "env/reward_mean" not in stats:
             entry["env/reward_mean"] = float(torch.as_tensor(rewards, dtype=torch.float32).mean())
         if isinstance(batch, dict) and batch.get("response"):
@@ -361,18 +461,26 @@ class PPOTrainer:
               output_dir=None, resume: bool = False) -> list:
         """Run PPO until `step_count` reaches `steps` (default config.steps): rollout -> reward -> step.
 
-        Each step samples batch_size prompts (1-D token tensors; default: the dataset's "input_ids") with the
-        trainer's seeded generator. Every config.eval_every steps `evaluate(eval_prompts)` is added to the
-        step's history entry as eval/*; with `output_dir`, a checkpoint goes to OUT/checkpoints every
-        config.save_every steps and at the end, and `resume=True` continues from the latest one there.
+        `prompts` (1-D token tensors; default: the dataset's "input_ids") is the whole prompt set: under
+        several processes each trains on its own shard (every world_size-th prompt). Each step samples
+        batch_size prompts of the shard with the trainer's seeded generator. Every config.eval_every steps
+        `evaluate(eval_prompts)` is added to the step's history entry as eval/*; with `output_dir`, a
+        checkpoint goes to OUT/checkpoints every config.save_every steps and at the end, and `resume=True`
+        continues from the latest one there (refused if it ran with other settings or prompts).
         `callback(trainer, entry)` runs after each step; returning True stops training. Returns `history`.
         """
         from tqdm.auto import tqdm
 
-        from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+        from .checkpoint import latest_checkpoint, load_checkpoint, prompts_fingerprint, save_checkpoint
 
         cfg = self.config
         prompts = self._training_prompts(prompts)
+        self.prompts_digest = prompts_fingerprint(prompts)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        if world > 1:
+            if len(prompts) < world:
+                raise MarlInputError(f"{len(prompts)} prompts cannot be shared by {world} processes; pass more prompts")
+            prompts = prompts[rank::world]
         total = cfg.steps if steps is None else steps
         checkpoints = None if output_dir is None else Path(output_dir) / "checkpoints"
         if resume:
@@ -389,22 +497,7 @@ class PPOTrainer:
         self._progress = bar
         try:
             while self.step_count < total:
-                t_start = time.perf_counter()
-                if len(prompts) >= cfg.batch_size:
-                    picks = torch.randperm(len(prompts), generator=self.prompt_generator)[:cfg.batch_size]
-                else:
-                    picks = torch.randint(len(prompts), (cfg.batch_size,), generator=self.prompt_generator)
-                queries = [prompts[i] for i in picks.tolist()]
-                responses = self.generate(queries, batch_size=cfg.mini_batch_size)
-                t_generate = time.perf_counter()
-                scores = self.score(queries, responses)
-                t_score = time.perf_counter()
-                stats = self.step(queries, responses, scores)
-                stats["time/rollout/generate"], stats["time/rollout/score"] = t_generate - t_start, t_score - t_generate
-                entry = self.log_stats(stats, rewards=scores)
-                if eval_prompts is not None and cfg.eval_every and self.step_count % cfg.eval_every == 0:
-                    result = self.evaluate(eval_prompts)
-                    entry.update({f"eval/{k}": v for k, v in result.items() if k != "samples"})
+                entry = self._train_step(prompts, eval_prompts)
                 if checkpoints is not None and cfg.save_every and self.step_count % cfg.save_every == 0:
                     save_checkpoint(self, checkpoints)
                     saved_at = self.step_count
@@ -417,6 +510,30 @@ class PPOTrainer:
             bar.close()
             self._progress = None
         return self.history
+
+    def _train_step(self, prompts, eval_prompts) -> dict:
+        """One iteration of train(): sample prompts, generate, score (fused into the rollout forward), step."""
+        cfg = self.config
+        t_start = time.perf_counter()
+        if len(prompts) >= cfg.batch_size:
+            picks = torch.randperm(len(prompts), generator=self.prompt_generator)[:cfg.batch_size]
+        else:
+            picks = torch.randint(len(prompts), (cfg.batch_size,), generator=self.prompt_generator)
+        queries = [prompts[i] for i in picks.tolist()]
+        responses = self.generate(queries, batch_size=cfg.generation_batch_size or cfg.batch_size)
+        t_generate = time.perf_counter()
+        batch = build_rollout_batch(queries, responses, self.pad_token_id, device=self.device)
+        rollout = self.rollout_forward(batch, with_reward=True)
+        scores = rollout.scores
+        check_step_inputs(self.model, queries, responses, scores, cfg.batch_size, self.device)  # finite scores
+        stats = self._step_on_rollout(batch, rollout, scores, responses, t_generate)
+        # here the reward pass is part of time/ppo/rollout_forward (one fused forward, or right after it)
+        stats["time/rollout/generate"] = t_generate - t_start
+        extra = {}
+        if eval_prompts is not None and cfg.eval_every and self.step_count % cfg.eval_every == 0:
+            result = self.evaluate(eval_prompts)
+            extra = {f"eval/{k}": v for k, v in result.items() if k != "samples"}
+        return self.log_stats(stats, rewards=scores, extra=extra)
 
     def _training_prompts(self, prompts):
         if prompts is None:
@@ -444,28 +561,28 @@ class PPOTrainer:
         prompts = self._training_prompts(prompts)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed if seed is None else seed)
-            responses = self.generate(prompts, batch_size=cfg.mini_batch_size)
+            responses = self.generate(prompts, batch_size=cfg.generation_batch_size or cfg.batch_size)
         scores = self.score(prompts, responses)
         kls = []
-        with eval_mode(self.model):
+        with train_mode_without_dropout(self.model), self.accelerator.autocast():
             for start in range(0, len(prompts), cfg.mini_batch_size):
                 chunk = slice(start, start + cfg.mini_batch_size)
-                batch = build_rollout_batch([p.to(self.device) for p in prompts[chunk]],
-                                            [r.to(self.device) for r in responses[chunk]], self.pad_token_id)
+                batch = build_rollout_batch(prompts[chunk], responses[chunk], self.pad_token_id, device=self.device)
                 rows = torch.arange(batch["input_ids"].shape[0], device=self.device)
-                logprobs, _, _ = self._forward(self.model, batch, rows, with_values=False)
-                ref_logprobs = self._reference_logprobs(batch, rows)
-                kls.append((kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * batch["response_mask"]).sum(-1))
+                logprobs, _, _ = policy_forward(self.model, batch, rows, cfg.temperature, with_values=False)
+                ref_logprobs = reference_forward(self.model, batch, rows, cfg.temperature, self.ref_model)
+                _, mask, _ = response_view(batch)
+                kl = torch.where(mask.bool(), kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator), 0.0)
+                kls.append(kl.sum(-1))
         lengths = torch.tensor([float(len(r)) for r in responses])
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         return {
             "reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
             "kl_mean": torch.cat(kls).mean().item(), "response_tokens_mean": lengths.mean().item(),
             "distinct_2": distinct_n(responses, 2),
             "eos_frac": float(sum(self.eos_token_id is not None and int(r[-1]) == self.eos_token_id
                                   for r in responses) / len(responses)),
-            "samples": [{"prompt": decode(p), "response": decode(r), "score": float(s)}
-                        for p, r, s in zip(prompts[:num_samples], responses, scores.tolist())],
+            "samples": [{"prompt": decode_text(self.tokenizer, p), "response": decode_text(self.tokenizer, r),
+                         "score": float(s)} for p, r, s in zip(prompts[:num_samples], responses, scores.tolist())],
         }
 
     def save_checkpoint(self, checkpoints_dir):
@@ -479,6 +596,12 @@ class PPOTrainer:
         from .checkpoint import load_checkpoint
 
         return load_checkpoint(self, path)
+
+
+def decode_text(tokenizer, ids) -> str:
+    """Decoded tokens without a broken character at the end: a sampled response may stop inside a multi-byte
+    UTF-8 character (a byte-level BPE token is part of one), which decodes to U+FFFD; that tail is dropped."""
+    return tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
 
 def _collate_dicts(rows):

@@ -66,6 +66,12 @@ class PPOConfig:
     target_kl_early_stop: float = 1.0
     """Policy approx KL per token (old vs new policy, not vs the reference) that ends the epochs early."""
 
+    fused_rollout: bool | None = None
+    """Run the no-grad policy, reference (and, in train(), reward) forwards of a step as one batched forward with
+    a per-row adapter (peft `adapter_names`); None = whenever possible (no separate ref_model), False = apart."""
+    generation_batch_size: int | None = None
+    """Prompts per generate() call in train() and evaluate(); None = batch_size (one call per step)."""
+
     temperature: float = 1.0
     """Sampling temperature. Every logprob (rollout, reference, training) is computed from logits / temperature."""
     max_new_tokens: int = 16
@@ -143,6 +149,10 @@ class PPOConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise MarlInputError(f"PPOConfig.mixed_precision={self.mixed_precision!r} is unknown; use one of "
                                  f"{MIXED_PRECISION}")
+        if self.generation_batch_size is not None and not (
+                isinstance(self.generation_batch_size, int) and self.generation_batch_size >= 1):
+            raise MarlInputError(f"PPOConfig.generation_batch_size={self.generation_batch_size!r} must be a positive "
+                                 "integer or None (= batch_size)")
         for name in ["steps", "eval_every", "save_every"]:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

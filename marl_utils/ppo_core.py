@@ -26,8 +26,9 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """Sum of `values` where `mask` is 1."""
-    return (values * mask).sum() if dim is None else (values * mask).sum(dim)
+    """Sum of `values` where `mask` is 1 (selected with `torch.where`: a NaN at padding is dropped, not NaN * 0)."""
+    kept = torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return kept.sum() if dim is None else kept.sum(dim)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -46,16 +47,28 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return var
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(values - mean) / std over the masked positions; padding positions come out as 0.
+def global_masked_moments(values: torch.Tensor, mask: torch.Tensor, all_reduce_sum=None):
+    """(mean, unbiased variance) of the masked values of EVERY process (`all_reduce_sum`: tensor -> its sum over
+    processes; None = this process only). Under DDP each process holds a slice of the batch; whitening with
+    local moments would give each slice its own scale, so the processes would optimise different objectives."""
+    reduce = all_reduce_sum or (lambda t: t)
+    total, count = reduce(torch.stack([masked_sum(values, mask), mask.sum().to(values.dtype)])).unbind()
+    mean = total / count.clamp(min=1e-8)
+    squares = reduce(masked_sum((values - mean) ** 2, mask))
+    return mean, squares / (count - 1).clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  all_reduce_sum=None) -> torch.Tensor:
+    """(values - mean) / std over the masked positions (of all processes); padding positions come out as 0.
 
     `shift_mean=False` rescales only (keeps the mean), as used for rewards, whose sign carries meaning.
     """
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    mean, var = global_masked_moments(values, mask, all_reduce_sum)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
-    return whitened * mask
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -92,11 +105,12 @@ def compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estima
     The KL term keeps the policy near the reference token by token; the score judges the whole text,
     so it arrives once, when the text is complete.
     """
-    kl = kl_penalty(logprobs, ref_logprobs, estimator) * mask
+    kl = torch.where(mask.bool(), kl_penalty(logprobs, ref_logprobs, estimator), torch.zeros_like(logprobs))
     rewards = -kl_coef * kl
     last = last_masked_index(mask)  # [B]
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last] += scores.to(rewards.dtype) * mask[rows, last]  # a row without response gets nothing
+    has_response = mask[rows, last].bool()  # a row without response gets nothing
+    rewards[rows, last] += torch.where(has_response, scores.to(rewards.dtype), torch.zeros_like(rewards[:, 0]))
     return rewards, kl
 
 
@@ -109,17 +123,18 @@ def compute_gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
     taken before the advantages are whitened: they are the value function's regression targets.
     """
     _, width = rewards.shape
+    keep = mask.bool()
+    zero = torch.zeros_like(rewards[:, 0])
+    rewards = torch.where(keep, rewards, torch.zeros_like(rewards))  # padding may hold anything, even NaN
+    values = torch.where(keep, values, torch.zeros_like(values))
     advantages = torch.zeros_like(rewards)
-    next_advantage = torch.zeros_like(rewards[:, 0])
-    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage, next_value = zero, zero
     for t in reversed(range(width)):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        advantage = delta + gamma * lam * next_advantage
-        advantages[:, t] = advantage * mask[:, t]
+        advantages[:, t] = torch.where(keep[:, t], delta + gamma * lam * next_advantage, zero)
         # what position t-1 sees as "next": this position's value and advantage, if it is a response token
-        next_value = values[:, t] * mask[:, t]
-        next_advantage = advantages[:, t]
-    returns = (advantages + values) * mask
+        next_value, next_advantage = values[:, t], advantages[:, t]
+    returns = torch.where(keep, advantages + values, torch.zeros_like(values))
     return advantages, returns
 
 
@@ -130,7 +145,7 @@ def policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange: float =
     (more pessimistic) one is minimised, so a token whose ratio already moved past the clip in the
     advantage's direction stops contributing gradient.
     """
-    log_ratio = (new_logprobs - old_logprobs) * mask
+    log_ratio = torch.where(mask.bool(), new_logprobs - old_logprobs, torch.zeros_like(new_logprobs))
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
@@ -259,20 +274,26 @@ def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tens
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def build_rollout_batch(queries, responses, pad_token_id: int) -> dict:
+def build_rollout_batch(queries, responses, pad_token_id: int, device=None) -> dict:
     """query + response per row, left-padded, as the model sees them in every PPO forward pass.
 
-    Returns input_ids, attention_mask, position_ids [B,W] and response_mask [B,W-1]: the logprob of
-    token t+1 is read from the logits at t, so "action" tensors are one shorter than the ids, and
-    response_mask marks the positions whose next token is a response token.
+    Queries and responses may live on any device (prompts on the CPU, generated tokens on the GPU); the
+    batch lives on `device`, by default where the responses are (the model's device when they come from
+    `generate`). Returns input_ids, attention_mask, position_ids [B,W] and response_mask [B,W-1]: the logprob
+    of token t+1 is read from the logits at t, so "action" tensors are one shorter than the ids, and
+    response_mask marks the positions whose next token is a response token. Every row ends with its
+    response, so all response positions lie in the last `response_width` = max response length columns.
     """
-    input_ids, attention_mask = left_pad([torch.cat([q, r]) for q, r in zip(queries, responses)], pad_token_id)
+    device = torch.device(device) if device is not None else responses[0].device
+    rows = [torch.cat([q.to(device), r.to(device)]) for q, r in zip(queries, responses)]
+    input_ids, attention_mask = left_pad(rows, pad_token_id)
     width = input_ids.shape[1]
-    response_mask = torch.zeros(len(queries), width - 1, device=input_ids.device)
+    response_mask = torch.zeros(len(queries), width - 1, device=device)
     for row, response in enumerate(responses):
         response_mask[row, width - 1 - len(response):] = 1.0  # every row ends with its response
     return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "position_ids": position_ids_from_attention_mask(attention_mask), "response_mask": response_mask}
+            "position_ids": position_ids_from_attention_mask(attention_mask), "response_mask": response_mask,
+            "response_width": max(len(r) for r in responses)}
 
 
 def distinct_n(responses, n: int = 2) -> float:

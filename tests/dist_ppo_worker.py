@@ -46,24 +46,26 @@ def train_and_report(args) -> None:
     torch.set_num_threads(1)
     trainer = build_trainer(args.base, args.reward_adapter, steps=args.steps, save_every=0)
     rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
-    shard = prompts(trainer.tokenizer)[rank::world]  # batch_size of them: every step uses the whole shard
+    every_prompt = prompts(trainer.tokenizer)  # train() hands each rank every world_size-th one
+    shard = every_prompt[rank::world]
     before = policy_digests(trainer.model)
 
     rollouts = []  # what this rank generated and scored, step by step
-    generate, score = trainer.generate, trainer.score
+    generate, rollout_forward = trainer.generate, trainer.rollout_forward
 
     def generate_and_record(queries, **kwargs):
         responses = generate(queries, **kwargs)
         rollouts.append({"queries": [q.tolist() for q in queries], "responses": [r.tolist() for r in responses]})
         return responses
 
-    def score_and_record(queries, responses):
-        scores = score(queries, responses)
-        rollouts[-1]["score_mean"] = scores.mean().item()
-        return scores
+    def rollout_and_record(batch, with_reward=False):  # train() scores inside its rollout forward
+        rollout = rollout_forward(batch, with_reward=with_reward)
+        if with_reward:
+            rollouts[-1]["score_mean"] = rollout.scores.mean().item()
+        return rollout
 
-    trainer.generate, trainer.score = generate_and_record, score_and_record
-    trainer.train(shard, output_dir=args.out / "run", progress=False)
+    trainer.generate, trainer.rollout_forward = generate_and_record, rollout_and_record
+    trainer.train(every_prompt, output_dir=args.out / "run", progress=False)
 
     trainer.model.save_pretrained(args.out / f"rank{rank}")
     report = {

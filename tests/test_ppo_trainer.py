@@ -20,6 +20,7 @@ from marl_utils.ppo import PPOTrainer
 from marl_utils.ppo_config import PPOConfig
 from marl_utils.ppo_core import (build_rollout_batch, cut_after_eos, distinct_n, entropy_from_logits,
                                  logprobs_from_logits)
+from marl_utils.rollout import policy_forward, reference_forward
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*min_new_tokens.*")
@@ -119,11 +120,12 @@ def test_padded_row_gives_same_logprobs_and_values(stand_ins, tok, kind):
     alone = build_rollout_batch([query], [response], tok.pad_token_id)
     padded = build_rollout_batch([long_query, query], [long_response, response], tok.pad_token_id)
     assert padded["attention_mask"][1].sum() < padded["attention_mask"].shape[1]  # row 1 really is padded
+    model, t = trainer.model.eval(), trainer.config.temperature
     with torch.no_grad():
-        lp_alone, v_alone, _ = trainer._forward(trainer.model.eval(), alone, torch.tensor([0]))
-        lp_padded, v_padded, _ = trainer._forward(trainer.model, padded, torch.tensor([1]))
-        ref_alone = trainer._reference_logprobs(alone, torch.tensor([0]))
-        ref_padded = trainer._reference_logprobs(padded, torch.tensor([1]))
+        lp_alone, v_alone, _ = policy_forward(model, alone, torch.tensor([0]), t)
+        lp_padded, v_padded, _ = policy_forward(model, padded, torch.tensor([1]), t)
+        ref_alone = reference_forward(model, alone, torch.tensor([0]), t)
+        ref_padded = reference_forward(model, padded, torch.tensor([1]), t)
     n = len(response)
     torch.testing.assert_close(lp_padded[0, -n:], lp_alone[0, -n:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(v_padded[0, -n:], v_alone[0, -n:], atol=1e-5, rtol=1e-5)

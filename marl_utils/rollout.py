@@ -1,0 +1,133 @@
+"""The forward passes of a PPO step over the rollout tokens, at the response positions only (notebook 03).
+
+A PPO step reads the same token ids three times without gradients: the policy (old logprobs, values), the
+reference (every adapter off) and, inside `train()`, the reward adapter. On one multi-adapter model those
+are the same base weights with different LoRA adapters switched in, so peft can run them as ONE batched
+forward with a per-row adapter (`adapter_names`: the policy's name, "__base__" for the reference, the
+reward adapter's name). `fused_rollout` does that; `separate_rollout` runs them one after another (needed
+for a separate `ref_model`, and the simple path to read).
+
+Every row of a rollout batch ends with its response (left padding), so every response token sits in the
+last `R = response_width` columns. Logits, log-softmax and entropy are computed there only: the vocabulary
+projection over the prompt positions is work no PPO quantity needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .forward_modes import eval_mode
+from .ppo_core import entropy_from_logits, logprobs_from_logits
+
+
+@dataclass
+class Rollout:
+    """Per-token tensors of a batch at its response positions, [B,R] each (mask: 1 at response tokens)."""
+
+    logprobs: torch.Tensor      # log pi_old(a_t), the sampler's policy
+    values: torch.Tensor        # V(s_t) of the rollout
+    ref_logprobs: torch.Tensor  # log pi_ref(a_t): adapters disabled
+    entropy: torch.Tensor       # entropy of pi_old at each position
+    mask: torch.Tensor
+    scores: torch.Tensor | None = None  # [B] reward-adapter scores, when the reward pass was fused in
+
+
+def response_view(batch: dict) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(R, response_mask [B,R], target ids [B,R]) of a rollout batch: the columns where responses live."""
+    width = batch["response_width"]
+    return width, batch["response_mask"][:, -width:], batch["input_ids"][:, -width:]
+
+
+def logprobs_at_responses(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """logits [b,R+1,V] of the last R+1 positions -> (logprobs [b,R], logits / T [b,R,V])."""
+    logits = logits[:, :-1].float() / temperature  # the logits at t predict token t+1
+    return logprobs_from_logits(logits, targets), logits
+
+
+def policy_forward(model, batch: dict, rows, temperature: float, with_values: bool = True):
+    """(logprobs [b,R], values [b,R] or None, logits / T [b,R,V]) of `rows` under `model`'s active policy.
+
+    `model` is the multi-adapter model, or its DDP-wrapped copy for training forwards.
+    """
+    width, _, targets = response_view(batch)
+    out = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                position_ids=batch["position_ids"][rows], logits_to_keep=width + 1)
+    logits = out[0] if isinstance(out, tuple) else out.logits
+    logprobs, logits = logprobs_at_responses(logits, targets[rows], temperature)
+    values = out[2][:, -width - 1:-1] if with_values else None
+    return logprobs, values, logits
+
+
+@torch.no_grad()
+def reference_forward(model, batch: dict, rows, temperature: float, ref_model=None) -> torch.Tensor:
+    """[b,R] logprobs of the reference: `ref_model` if given, else `model` with every adapter disabled."""
+    width, _, targets = response_view(batch)
+    inputs = dict(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                  position_ids=batch["position_ids"][rows], use_cache=False, logits_to_keep=width + 1)
+    if ref_model is not None:
+        with eval_mode(ref_model):  # a separate reference model: no dropout, nothing to train
+            out = ref_model(**inputs)
+    else:
+        with model.reference() as reference:
+            out = reference(**inputs)
+    logits = out[0] if isinstance(out, tuple) else out.logits
+    return logprobs_at_responses(logits, targets[rows], temperature)[0]
+
+
+@torch.no_grad()
+def separate_rollout(model, policy, batch: dict, chunk: int, temperature: float, ref_model=None) -> Rollout:
+    """Policy and reference forwards one after another, `chunk` rows at a time."""
+    _, mask, _ = response_view(batch)
+    parts = []
+    for rows in torch.arange(mask.shape[0], device=mask.device).split(chunk):
+        logprobs, values, logits = policy_forward(policy, batch, rows, temperature)
+        ref_logprobs = reference_forward(model, batch, rows, temperature, ref_model)
+        parts.append((logprobs, values, ref_logprobs, entropy_from_logits(logits)))
+    logprobs, values, ref_logprobs, entropy = (torch.cat(p) for p in zip(*parts))
+    return Rollout(logprobs, values, ref_logprobs, entropy, mask)
+
+
+def can_fuse(model) -> bool:
+    """peft's per-row adapters need its forward hooks (peft >= 0.10) on a LoRA model."""
+    return hasattr(model.pretrained_model.base_model, "_enable_peft_forward_hooks")
+
+
+@torch.no_grad()
+def fused_rollout(model, batch: dict, chunk: int, temperature: float, with_reward: bool = False) -> Rollout:
+    """Policy, reference (and reward) rows of each chunk in ONE forward of the base, one adapter per row.
+
+    The decoder body runs once over [policy rows; reference rows; (reward rows)]; the vocabulary projection
+    then runs on the policy and reference rows' last R+1 positions only, the value head on the policy rows,
+    the reward head on the reward rows' scoring position. peft allows per-row adapters in eval mode only;
+    dropout is off either way, so the numbers are those of the separate passes (tests compare them).
+    """
+    peft_model = model.pretrained_model
+    causal_lm = peft_model.get_base_model()
+    body, lm_head = causal_lm.base_model, causal_lm.get_output_embeddings()
+    width, mask, targets = response_view(batch)
+    roles = [model.active_adapter, "__base__"] + ([model.reward_adapter_name] if with_reward else [])
+    parts = []
+    for rows in torch.arange(mask.shape[0], device=mask.device).split(chunk):
+        n = len(rows)
+        ids, attention, positions = (batch[k][rows].repeat(len(roles), 1)
+                                     for k in ("input_ids", "attention_mask", "position_ids"))
+        names = [name for name in roles for _ in range(n)]
+        with peft_model._enable_peft_forward_hooks(adapter_names=names):
+            hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions,
+                          use_cache=False).last_hidden_state  # [len(roles)*n, W, H]
+            logits = lm_head(hidden[:2 * n, -width - 1:])  # policy + reference rows, response positions
+        logprobs, scaled = logprobs_at_responses(logits[:n], targets[rows], temperature)
+        ref_logprobs, _ = logprobs_at_responses(logits[n:2 * n], targets[rows], temperature)
+        values = model.v_head(hidden[:n, -width - 1:-1])
+        scores = None
+        if with_reward:
+            reward_hidden = hidden[2 * n:]
+            at = model.reward_token_index(ids[2 * n:], attention[2 * n:])
+            picked = reward_hidden[torch.arange(n, device=at.device), at]  # [n,H]
+            scores = model.reward_head(picked.to(model.reward_head.weight.dtype)).squeeze(-1).float()
+        parts.append((logprobs, values, ref_logprobs, entropy_from_logits(scaled), scores))
+    logprobs, values, ref_logprobs, entropy, scores = zip(*parts)
+    return Rollout(torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs), torch.cat(entropy), mask,
+                   torch.cat(scores) if with_reward else None)
