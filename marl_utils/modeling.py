@@ -168,7 +168,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     def _on_input_device(self, *tensors):
         """Move token tensors to where the embeddings are (None stays None): callers may pass CPU tensors."""
         device = self.pretrained_model.get_base_model().get_input_embeddings().weight.device
-        return tuple(t.to(device) if torch.is_tensor(t) and t.device != device else t for t in tensors)
+        return tuple(t.to(device) if torch.is_tensor(t) else t for t in tensors)  # a no-op when already there
 
     def generate(self, *args, **kwargs):
         """`generate` of the peft model: samples with the active policy adapter."""
