@@ -161,15 +161,16 @@ class PPOTrainer:
     def _choose_fused_rollout(self) -> bool:
         """One batched forward for policy + reference (+ reward) rows, or separate passes: see rollout.py.
 
-        Fused unless a separate `ref_model` is the reference (then there is nothing to share) or peft cannot
-        run per-row adapters. `PPOConfig.fused_rollout` overrides the rule.
+        Fused unless a separate `ref_model` is the reference (then there is nothing to share) or the fused
+        forward would not give the separate passes' numbers (`rollout.can_fuse`). `PPOConfig.fused_rollout`
+        turns it off, or insists on it.
         """
         wanted = self.config.fused_rollout
-        possible = self.ref_model is None and can_fuse(self.model)
-        if wanted and not possible:
-            raise MarlInputError("PPOConfig.fused_rollout=True needs the disabled base as the reference (no ref_model) "
-                                 "and peft's per-row adapters; use fused_rollout=None or False")
-        return possible if wanted is None else wanted
+        why_not = "a separate ref_model is the reference" if self.ref_model is not None else can_fuse(self.model)
+        if wanted and why_not:
+            raise MarlInputError(f"PPOConfig.fused_rollout=True cannot be kept: {why_not}; use fused_rollout=None "
+                                 "(the trainer decides) or False")
+        return why_not is None if wanted is None else wanted
 
     def _activate_policy(self):
         # another trainer on the same model (notebook 05) may have switched adapters since our last call

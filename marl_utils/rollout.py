@@ -89,9 +89,21 @@ def separate_rollout(model, policy, batch: dict, chunk: int, temperature: float,
     return Rollout(logprobs, values, ref_logprobs, entropy, mask)
 
 
-def can_fuse(model) -> bool:
-    """peft's per-row adapters need its forward hooks (peft >= 0.10) on a LoRA model."""
-    return hasattr(model.pretrained_model.base_model, "_enable_peft_forward_hooks")
+def can_fuse(model) -> str | None:
+    """None when the fused forward gives the numbers of the separate passes, else why it cannot.
+
+    peft's per-row adapters need its forward hooks. LLM.int8 (8-bit bases) multiplies the activation columns
+    that hold an outlier anywhere in the batch in 16-bit, so a row's result depends on the other rows: a
+    batch of three roles would not compute what each role computes alone (logprobs differ by ~1e-3).
+    """
+    from .quantization import quantized_linear_layers
+
+    if not hasattr(model.pretrained_model.base_model, "_enable_peft_forward_hooks"):
+        return "this peft version has no per-row adapters"
+    if any(getattr(getattr(layer, "state", None), "threshold", 0) > 0 for layer in quantized_linear_layers(model)
+           if type(layer).__name__ == "Linear8bitLt"):
+        return "an 8-bit (LLM.int8) base computes each row depending on the batch's outlier columns"
+    return None
 
 
 @torch.no_grad()
