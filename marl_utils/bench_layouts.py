@@ -1,4 +1,4 @@
-"""The two layouts `marl bench` compares, and the PPO step it times on both (see `bench.py`).
+"""The layouts `marl bench` compares, the models they load, and the PPO step it times on them (see `bench.py`).
 
 - MARL: ONE base in an `AutoModelForCausalLMWithValueHead`: policy LoRA + value head, the reference is the
   base with adapters off, the reward model is the frozen reward LoRA + its score head.
@@ -7,7 +7,8 @@
   (base + a value head; only the head trains, the cheapest choice for this layout).
 
 Both answer the same four questions (generate, reward score, reference logprobs, policy logprobs+values),
-so `timed_ppo_step` runs the very same PPO work on each and only the model layout differs.
+so `timed_ppo_step` runs the very same PPO work on each (the sizes of `STEP_SHAPES`) and only the model
+layout differs. The MARL layout as the project's PPOTrainer runs it is timed in `bench_ratio.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_dir
+from .bench_floor import StepShape, autocast, gae, ppo_loss, response_logprobs, synchronize
+from .bench_memory import release_checkpoint_pages
 from .modeling import AutoModelForCausalLMWithValueHead, position_ids_from_mask
 from .profiles import PROFILES
 from .quantization import disable_cpu_inference_packing, quantization_config_from_flags
@@ -47,7 +50,20 @@ BASE_SIZES = {
     # imported code every process carries, is dominated by weights.
     "large": dict(vocab_size=8192, hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
                   num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256),
+    # GPT-2 small's architecture and sizes (124M parameters, tied 50257-token table), random weights, built
+    # from GPT2Config: the GPU check's base, which needs no Hub.
+    "gpt2": dict(architecture="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
 }
+STEP_SHAPES = {
+    "tiny": StepShape(batch=8, new_tokens=8, ppo_epochs=2, minibatches=2),
+    # issue 13's setting: batch 32, 20 new tokens, 4 PPO epochs x 4 minibatches
+    "mid": StepShape(batch=32, new_tokens=20, ppo_epochs=4, minibatches=4),
+    "large": StepShape(batch=32, new_tokens=20, ppo_epochs=4, minibatches=4),
+    # gpt2-sentiment's batch and response length; 4 x 4 minibatches of 32 as on mid
+    "gpt2": StepShape(batch=128, new_tokens=16, ppo_epochs=4, minibatches=4),
+}
+BENCH_LORA = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
+"""Policy and reward adapters: LoRA r8 on every linear layer but the LM head (issue 13's setting)."""
 QUANTIZED_NOTE = ("8/4-bit layouts: the seed's load_in_8bit/load_in_4bit on the linear layers; embeddings and norms "
                   "(never quantized by bitsandbytes) in bfloat16, as real checkpoints ship; adapters and heads float32")
 RANDOM_WEIGHTS_NOTE = ("random weights (base, policy and reward adapters): the bench measures memory and time, "
@@ -55,16 +71,33 @@ RANDOM_WEIGHTS_NOTE = ("random weights (base, policy and reward adapters): the b
 
 
 # ---------------------------------------------------------------------------- the models measured
+def _random_base(tokenizer, sizes: dict, seed: int):
+    if sizes.get("architecture") == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(**{k: v for k, v in sizes.items() if k != "architecture"},
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.bos_token_id)
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        return model
+    from .tiny_base import build_tiny_llama
+
+    return build_tiny_llama(tokenizer, seed=seed, **sizes)
+
+
 def build_bench_base(out_dir: Path, sizes: dict, texts, seed: int = 0) -> None:
-    """A random-init Llama-style base of `sizes` and a BPE tokenizer (trained on `texts`), saved atomically.
+    """A random-init base of `sizes` (Llama-style, or GPT-2) and a BPE tokenizer trained on `texts`, saved atomically.
 
     The corpus has fewer distinct words than `vocab_size`; the model keeps the full vocabulary anyway,
-    because the embedding's share of the weights is what the quantized layouts must be honest about.
+    because the embedding's share of the weights (and of the LM head's work) is what a real model has.
     """
-    from .tiny_base import build_tiny_llama, train_tokenizer
+    from .tiny_base import train_tokenizer
 
     tokenizer = train_tokenizer(texts, vocab_size=sizes["vocab_size"])
-    model = build_tiny_llama(tokenizer, seed=seed, **sizes)
+    model = _random_base(tokenizer, sizes, seed)
     with atomic_dir(out_dir) as tmp:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
@@ -93,8 +126,14 @@ def build_bench_reward(base_dir: Path, adapter_dir: Path, merged_dir: Path, lora
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     with atomic_dir(adapter_dir) as tmp:
         model.save_pretrained(tmp)
+        (tmp / SPEC_FILE).write_text(json.dumps({"lora": lora, "seed": seed}, sort_keys=True))
     with atomic_dir(merged_dir) as tmp:
         model.merge_and_unload().save_pretrained(tmp)
+
+
+def _spec_is(folder: Path, spec: dict) -> bool:
+    file = folder / SPEC_FILE
+    return file.exists() and json.loads(file.read_text()) == json.loads(json.dumps(spec, sort_keys=True))
 
 
 def prepare_bench_models(bench_dir, base_size: str, lora: dict, batch: int = 8, seed: int = 0) -> dict:
@@ -108,121 +147,33 @@ def prepare_bench_models(bench_dir, base_size: str, lora: dict, batch: int = 8, 
     base_dir = bench_dir / f"base-{base_size}"
     adapter_dir = bench_dir / f"base-{base_size}-reward-adapter"
     merged_dir = bench_dir / f"base-{base_size}-reward-merged"
-    spec_file = base_dir / SPEC_FILE
     reviews = load_imdb()
-    if not spec_file.exists() or json.loads(spec_file.read_text()) != {"sizes": sizes, "seed": seed}:
+    if not _spec_is(base_dir, {"sizes": sizes, "seed": seed}):
         build_bench_base(base_dir, sizes, reviews["train"]["text"][:2000], seed)
         shutil.rmtree(adapter_dir, ignore_errors=True)  # built on the old base: stale
-    if not (adapter_dir / "adapter_config.json").exists() or not (merged_dir / "config.json").exists():
+    if not _spec_is(adapter_dir, {"lora": lora, "seed": seed}) or not (merged_dir / "config.json").exists():
         build_bench_reward(base_dir, adapter_dir, merged_dir, lora, seed)
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    reviews = reviews["test"]["text"][:batch]
+    texts = reviews["test"]["text"]
+    texts = [texts[i % len(texts)] for i in range(batch)]
     # prompts of 4..8 tokens, so the batch is left-padded as PPO rollouts are
-    prompts = [tokenizer(text)["input_ids"][:4 + i % 5] for i, text in enumerate(reviews)]
+    prompts = [tokenizer(text)["input_ids"][:4 + i % 5] for i, text in enumerate(texts)]
     shapes = read_shapes(base_dir / "model.safetensors")  # the file header: tied weights are stored once
     return {"base": str(base_dir), "reward_adapter": str(adapter_dir), "reward_merged": str(merged_dir),
             "pad_id": tokenizer.pad_token_id, "prompts": prompts, "lora": lora, "sizes": sizes,
             "base_params": sum(math.prod(shape) for shape in shapes.values())}
 
 
-# ---------------------------------------------------------------------------- resident bytes
-def _tensors_in(obj, depth: int = 4):
-    """Tensors held by a bitsandbytes object (QuantState, MatmulLtState) or a container of them."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth <= 0 or isinstance(obj, (torch.nn.Module, str, bytes, int, float, bool, type(None))):
-        return
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from _tensors_in(item, depth - 1)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors_in(item, depth - 1)
-    elif type(obj).__module__.startswith("bitsandbytes") and hasattr(obj, "__dict__"):
-        for item in vars(obj).values():
-            yield from _tensors_in(item, depth - 1)
-
-
-def resident_tensors(*modules):
-    """Every tensor the modules keep in memory: parameters, buffers and quantization state.
-
-    bitsandbytes keeps the packed weight as the parameter (int8, or two 4-bit values per uint8) and its scales
-    beside it: `Int8Params.SCB`, `Params4bit.quant_state.absmax` (and the nested state of double
-    quantization), `Linear8bitLt.state`. Those are reached through the parameter's and the module's attributes.
-    """
-    for module in modules:
-        for sub in module.modules():
-            for tensor in list(sub._parameters.values()) + list(sub._buffers.values()):
-                if tensor is None:
-                    continue
-                yield tensor
-                yield from _tensors_in(vars(tensor) if hasattr(tensor, "__dict__") else None)
-            for name, value in vars(sub).items():
-                if not name.startswith("_"):
-                    yield from _tensors_in(value, depth=2) if not isinstance(value, torch.Tensor) else [value]
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of memory behind `tensors`, each storage counted ONCE (keyed by `untyped_storage().data_ptr()`).
-
-    Tied weights, views and anything else that shares memory (a reference model that IS the base) count once.
-    """
-    sizes = {}
-    for tensor in tensors:
-        if tensor.device.type != "meta":
-            storage = tensor.untyped_storage()
-            sizes[storage.data_ptr()] = storage.nbytes()
-    return sum(sizes.values())
-
-
-def resident_bytes(*modules) -> int:
-    """Bytes the modules hold in memory (parameters, buffers, quantization state), shared storage once."""
-    return storage_bytes(resident_tensors(*modules))
-
-
-def quantized_bytes(*modules) -> int:
-    """The part of `resident_bytes` in bitsandbytes layers (packed weights + scales); the rest stays float."""
-    layers = [m for module in modules for m in module.modules() if type(m).__module__.startswith("bitsandbytes")]
-    return resident_bytes(*layers)
-
-
-def adapter_bytes(*modules) -> int:
-    """Bytes of the LoRA matrices and the small heads (value heads, score heads): what is not base weight."""
-    def is_adapter_or_head(name: str) -> bool:
-        return "lora_" in name or name.startswith(("v_heads.", "reward_head.")) or name.endswith(("score.weight",
-                                                                                                  "score.bias"))
-
-    tensors = [p for module in modules for name, p in module.named_parameters() if is_adapter_or_head(name)]
-    return storage_bytes(tensors)
-
-
-def release_checkpoint_pages(model) -> None:
-    """Copy the unquantized tensors of a quantized model into process memory.
-
-    transformers memory-maps the safetensors file. After on-the-fly quantization only the embeddings and
-    norms still point into that mapping, but they keep the WHOLE file mapped, so the float32 pages read while
-    quantizing would stay in the resident set for the whole run. A GPU would hold only the quantized weights.
-    """
-    quantized = tuple(type(p) for p in model.parameters() if type(p).__module__.startswith("bitsandbytes"))
-    copies = {}
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for tensor in store.values():
-                if tensor is None or isinstance(tensor, quantized) or tensor.device.type != "cpu":
-                    continue
-                key = tensor.untyped_storage().data_ptr()
-                copy = copies.setdefault(key, tensor.data.clone())  # tied weights stay tied
-                tensor.data = copy
+def left_padded(prompts, pad_id: int):
+    """(ids [B, P], mask [B, P]) of token lists, padded on the left as PPO rollouts are."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
 
 
 # ---------------------------------------------------------------------------- the two layouts
-def response_logprobs(logits: torch.Tensor, sequences: torch.Tensor, n_response: int) -> torch.Tensor:
-    """[B, R] log-probabilities of the R response tokens: token t is predicted by the logits at t - 1."""
-    logits = logits[:, -n_response - 1:-1].float()  # [B, R, V]
-    return torch.log_softmax(logits, -1).gather(-1, sequences[:, -n_response:].unsqueeze(-1)).squeeze(-1)
-
-
 def _generate(model, prompt_ids, prompt_mask, new_tokens: int, pad_id: int):
     # Plain sampling (top_k=0, top_p=1) as PPO rollouts use; min_new_tokens keeps every step's work the same
     # size in both layouts (a timing choice: training must not force lengths, it biases the KL).
@@ -235,6 +186,10 @@ class MarlLayout:
 
     def __init__(self, model: AutoModelForCausalLMWithValueHead, pad_id: int):
         self.model, self.pad_id = model, pad_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     def modules(self) -> dict:
         return {"model": self.model}
@@ -261,6 +216,10 @@ class SeparateLayout:
 
     def __init__(self, policy, ref, reward, value, pad_id: int):
         self.policy, self.ref, self.reward, self.value, self.pad_id = policy, ref, reward, value, pad_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
 
     def modules(self) -> dict:
         return {"policy": self.policy, "ref": self.ref, "reward": self.reward, "value": self.value}
@@ -311,8 +270,11 @@ def policy_lora_config(lora: dict):
                       target_modules=lora["target_modules"])
 
 
-def load_layout(layout: str, precision: str, paths: dict):
-    """Build `layout` ("marl" or "separate") in `precision` from the folders `prepare_bench_models` made."""
+def load_layout(layout: str, precision: str, paths: dict, device="cpu"):
+    """Build `layout` ("marl" or "separate") in `precision` from the folders `prepare_bench_models` made.
+
+    `device` places the float32 layouts (the quantized ones are loaded where bitsandbytes puts them: CPU here).
+    """
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -325,6 +287,8 @@ def load_layout(layout: str, precision: str, paths: dict):
                             peft_config=lora_config, reward_adapter=paths["reward_adapter"], dtype=dtype, **flags)
         if flags:
             release_checkpoint_pages(model)
+        else:
+            model.to(device)
         return MarlLayout(model.eval(), pad_id)
 
     def load(cls, folder, **kwargs):
@@ -335,6 +299,8 @@ def load_layout(layout: str, precision: str, paths: dict):
         # The policy trains through its 4-bit layers, so it must not be repacked for inference (quantization.py);
         # the frozen copies keep the same kernels too, so both layouts time the same 4-bit code.
         disable_cpu_inference_packing(model)
+        if bnb is None:
+            model.to(device)
         return model.eval().requires_grad_(False)
 
     policy = _quiet_load(get_peft_model, load(AutoModelForCausalLM, paths["base"]), lora_config)
@@ -345,55 +311,49 @@ def load_layout(layout: str, precision: str, paths: dict):
     return SeparateLayout(policy.eval(), ref, reward, value, pad_id)
 
 
+
 # ---------------------------------------------------------------------------- the timed PPO step
-def gae(rewards, values, gamma: float = 1.0, lam: float = 0.95):
-    """(advantages, returns), both [B, R], by generalised advantage estimation over the response tokens."""
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = delta + gamma * lam * last
-        advantages[:, t] = last
-    return advantages, advantages + values
+def timed_ppo_step(layout, prompt_ids, prompt_mask, shape: StepShape, optimizer, precision: str = "fp32",
+                   kl_coef: float = 0.05) -> dict:
+    """One PPO step of `shape` on `layout`; seconds of each phase and in total (the phases tile the step).
 
-
-def ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, cliprange=0.2, vf_coef=0.1):
-    """Clipped policy loss + vf_coef * clipped value loss (means over the response tokens)."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)).mean()
-    clipped = old_values + (values - old_values).clamp(-cliprange, cliprange)
-    value_loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean()
-    return policy_loss + vf_coef * value_loss
-
-
-def timed_ppo_step(layout, prompt_ids, prompt_mask, new_tokens: int, optimizer, kl_coef: float = 0.05) -> dict:
-    """One PPO step (rollout, scoring, one optimisation pass over the batch); seconds of each part.
-
-    generate: sampling `new_tokens` per prompt with the policy. score: reward score, reference logprobs and
-    the rollout's own logprobs and values, all without gradients. optimise: forward with gradients, PPO loss,
-    backward, optimizer step.
+    generate: sampling `new_tokens` per prompt with the policy. score: the reward score. rollout: reference
+    logprobs and the rollout's own logprobs and values, all without gradients, then rewards and GAE.
+    optimise: ppo_epochs x minibatches of forward with gradients, PPO loss, backward, optimizer step.
     """
-    start = time.perf_counter()
-    with torch.no_grad():
-        sequences = layout.generate(prompt_ids, prompt_mask, new_tokens)  # [B, P + R]
-    generated = time.perf_counter()
+    device = layout.device
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+
+    def clock():
+        synchronize(device)
+        return time.perf_counter()
+
+    start = clock()
+    with torch.no_grad(), autocast(device, precision):
+        sequences = layout.generate(prompt_ids, prompt_mask, shape.new_tokens)  # [B, P + R]
+    generated = clock()
     n_response = sequences.shape[1] - prompt_ids.shape[1]
     mask = torch.cat([prompt_mask, torch.ones_like(sequences[:, prompt_ids.shape[1]:])], dim=1)
-    with torch.no_grad():
-        scores = layout.reward_scores(sequences, mask)  # [B]
+    with torch.no_grad(), autocast(device, precision):
+        scores = layout.reward_scores(sequences, mask).float()  # [B]
+    scored = clock()
+    with torch.no_grad(), autocast(device, precision):
         ref_logprobs = layout.ref_logprobs(sequences, mask, n_response)  # [B, R]
         old_logprobs, old_values = layout.policy_logprobs_and_values(sequences, mask, n_response)
-    scored = time.perf_counter()
     rewards = -kl_coef * (old_logprobs - ref_logprobs)  # [B, R]: KL penalty per token, score at the end
     rewards[:, -1] += scores
-    advantages, returns = gae(rewards, old_values)
+    advantages, returns = gae(rewards, old_values.float())
     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    logprobs, values = layout.policy_logprobs_and_values(sequences, mask, n_response)
-    loss = ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    optimised = time.perf_counter()
-    return {"generate": generated - start, "score": scored - generated, "optimise": optimised - scored}
-
+    rolled_out = clock()
+    for _ in range(shape.ppo_epochs):
+        for rows in torch.randperm(shape.batch, device=device).split(shape.mini_batch_size):
+            with autocast(device, precision):
+                logprobs, values = layout.policy_logprobs_and_values(sequences[rows], mask[rows], n_response)
+            loss = ppo_loss(logprobs, old_logprobs[rows], values.float(), old_values[rows], advantages[rows],
+                            returns[rows])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    optimised = clock()
+    return {"generate": generated - start, "score": scored - generated, "rollout": rolled_out - scored,
+            "optimise": optimised - rolled_out, "total": optimised - start, "response_tokens": float(n_response)}
