@@ -4,7 +4,8 @@
     marl reward  [--profile P] [--dataset SRC] [--output-dir OUT]   stage 2 -> OUT/reward_adapter/
     marl ppo     [--profile P] [--dataset SRC] [--output-dir OUT]   stage 3 -> OUT/ppo/
     marl run     [--profile P] [--dataset SRC] [--output-dir OUT]   all three + plots + summary.json
-    marl bench   [--profile P] [--base-size tiny|mid|large] [--output-dir OUT]
+    marl bench   [--profile P] [--base-size tiny|mid|large|gpt2] [--precision fp32|bf16] [--device cpu|cuda]
+                 [--steps 5] [--time-budget S] [--timing-only] [--profile-step] [--output-dir OUT]
 
 Bad input ends the command with one line, `error: <what was wrong and how to fix it>`, exit code 2.
 """
@@ -43,9 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue PPO from the last checkpoint")
     bench = sub.add_parser("bench", help="memory and time: one shared base vs separate models")
     bench.add_argument("--profile", default=None)
-    bench.add_argument("--base-size", default="mid", choices=["tiny", "mid", "large"])
+    bench.add_argument("--base-size", default="mid", choices=["tiny", "mid", "large", "gpt2"],
+                       help="random-init base: tiny, mid (46M Llama-style), large (210M), gpt2 (124M GPT-2)")
     bench.add_argument("--output-dir", default=None)
-    bench.add_argument("--steps", type=int, default=3, help="timed PPO steps per layout")
+    bench.add_argument("--steps", type=int, default=5,
+                       help="timed PPO steps per runner (floor and each layout, interleaved) after a warm-up")
+    bench.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                       help="compute precision of the timing (bf16: autocast)")
+    bench.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    bench.add_argument("--time-budget", type=float, default=None,
+                       help="seconds for the timed part, loading included; stops early (>= 2 steps) to fit")
+    bench.add_argument("--timing-only", action="store_true", help="skip the memory part (a process per layout)")
+    bench.add_argument("--profile-step", action="store_true",
+                       help="also profile one training minibatch of PPOTrainer vs the compute floor")
     return parser
 
 
@@ -56,7 +67,8 @@ def run_command(args) -> int:
         from .bench import run_bench
 
         run_bench(resolve_profile(args.profile), output_dir=args.output_dir, base_size=args.base_size,
-                  steps=args.steps)
+                  steps=args.steps, precision=args.precision, device=args.device, time_budget=args.time_budget,
+                  memory=not args.timing_only, profile_step=args.profile_step)
         return 0
     profile = resolve_profile(args.profile)
     if args.command == "sft":
