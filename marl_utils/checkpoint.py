@@ -87,6 +87,7 @@ def save_checkpoint(trainer, checkpoints_dir) -> Path:
         info = {"format": FORMAT, "version": VERSION, "step": trainer.step_count,
                 "policy_adapter_name": trainer.policy_adapter_name,
                 "policy_adapter_names": list(trainer.model.policy_adapter_names),
+                "critic_adapter_names": dict(trainer.model.critic_adapter_names),
                 "num_processes": accelerator.num_processes, "config": trainer.config.to_dict(),
                 "prompts_fingerprint": getattr(trainer, "prompts_digest", None)}
         for stray in [*root.glob(f".{final.name}.tmp-*"), *root.glob(f".{final.name}.old-*")]:
@@ -141,11 +142,17 @@ def _read_checkpoint(folder: Path, trainer):
     if missing:
         raise MarlInputError(f"{folder} holds policy adapters {missing} that this model lacks "
                              f"({trainer.model.policy_adapter_names}); build the model with the same adapters")
+    critics = info.get("critic_adapter_names", {})
+    if critics != {n: c for n, c in trainer.model.critic_adapter_names.items() if n in critics} or (
+            not critics and trainer.model.critic_adapter_names):
+        raise MarlInputError(f"{folder} was written with critic={'adapter' if critics else 'head'}, this model has "
+                             f"critic={trainer.model.critic!r}; resume with the same critic choice")
     try:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         model_dir = folder / MODEL_DIR
         adapters = {name: load_file(str((model_dir if name == "default" else model_dir / name)
-                                        / "adapter_model.safetensors")) for name in info["policy_adapter_names"]}
+                                        / "adapter_model.safetensors"))
+                    for name in [*info["policy_adapter_names"], *critics.values()]}
         heads = load_file(str(model_dir / "value_heads.safetensors"))
     except Exception as err:  # a truncated or overwritten file: torch, safetensors and OS errors alike
         raise MarlInputError(f"checkpoint {folder} is corrupt or incomplete ({type(err).__name__}: {err}); delete "

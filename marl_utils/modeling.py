@@ -3,7 +3,8 @@
 | role      | what it is on the one peft model                                          |
 |-----------|---------------------------------------------------------------------------|
 | policy    | a trainable LoRA adapter ("default"; more can be added by name)           |
-| value     | a float32 `ValueHead` per policy adapter, on the policy's last hidden state |
+| value     | a float32 `ValueHead` per policy adapter, on the policy's last hidden state (`critic="head"`) |
+|           | or on the last hidden state of its own critic LoRA adapter (`critic="adapter"`, critic.py)   |
 | reference | the same base with every adapter disabled (`model.reference()`)          |
 | reward    | the frozen stage-2 LoRA adapter plus its score head (`compute_reward_score`) |
 
@@ -50,6 +51,8 @@ import torch
 from torch import nn
 
 from .atomic import atomic_dir
+from .critic import (adapter_parameters, copy_reward_head_into, critic_adapter_name, critic_rows,
+                     policy_logits_and_critic_values)
 from .errors import MarlInputError
 from .quantization import disable_cpu_inference_packing, load_base, load_base_config, quantization_config_from_flags
 from .reward_adapter import check_fits_base, inspect_reward_adapter, load_reward_adapter
@@ -58,6 +61,8 @@ from .value_head import ValueHead, hidden_and_vocab_size
 __all__ = ["AutoModelForCausalLMWithValueHead", "ValueHead", "position_ids_from_mask", "last_token_index"]
 
 MODEL_FILE = "marl_model.json"
+CRITICS = ("head", "adapter")
+CRITIC_INITS = (None, "reward_adapter")
 VALUE_HEADS_FILE = "value_heads.safetensors"
 
 
@@ -105,10 +110,14 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     """A causal LM wrapped in peft: LoRA policy adapter(s) with value heads, reference and reward adapter."""
 
     def __init__(self, pretrained_model, policy_adapter_names, *, reward_adapter_name=None, reward_head=None,
-                 value_head_dropout: float = 0.0, is_trainable: bool = True, active_adapter=None):
+                 value_head_dropout: float = 0.0, is_trainable: bool = True, active_adapter=None,
+                 critic_adapter_names: dict | None = None):
         super().__init__()
         self.pretrained_model = pretrained_model  # peft.PeftModel over the causal LM
         self.policy_adapter_names = list(policy_adapter_names)
+        # policy name -> its critic adapter; empty with critic="head" (value head on the policy's hidden state)
+        self.critic_adapter_names = dict(critic_adapter_names or {})
+        self._critic_rows_active = False
         self.reward_adapter_name = reward_adapter_name
         self.reward_head = reward_head  # frozen float32 Linear(hidden, 1), or None
         self.value_head_dropout = value_head_dropout
@@ -129,6 +138,23 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     def v_head(self) -> ValueHead:
         """The value head of the active policy adapter."""
         return self.v_heads[self._active_policy]
+
+    @property
+    def critic(self) -> str:
+        """"head": values from the policy's last hidden state; "adapter": from a critic adapter of its own."""
+        return "adapter" if self.critic_adapter_names else "head"
+
+    @property
+    def critic_adapter(self) -> str | None:
+        """The critic adapter of the active policy (None with critic="head")."""
+        return self.critic_adapter_names.get(self._active_policy)
+
+    def critic_rows(self):
+        """Context: forwards (and the backward that may recompute them) run policy rows + critic rows stacked.
+
+        PPOTrainer holds it over its PPO epochs; a direct `model(...)` call enters it for itself.
+        """
+        return critic_rows(self, self._active_policy, self.critic_adapter)
 
     @property
     def active_adapter(self) -> str:
@@ -158,12 +184,23 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         kwargs.pop("return_dict", None)
         kwargs.pop("output_hidden_states", None)
         kwargs.setdefault("use_cache", False)  # a training forward needs no KV cache
+        if self.critic_adapter is not None:
+            return self._forward_with_critic_adapter(input_ids, attention_mask, position_ids, logits_to_keep, kwargs)
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         out = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     output_hidden_states=True, return_dict=True, **kwargs)
         values = self.v_head(out.hidden_states[-1])  # last hidden state (after the final norm)
         return out.logits.float(), out.loss, values
+
+    def _forward_with_critic_adapter(self, input_ids, attention_mask, position_ids, logits_to_keep, kwargs):
+        labels = kwargs.pop("labels", None)
+        logits, values = policy_logits_and_critic_values(self, input_ids, attention_mask, position_ids, logits_to_keep)
+        loss = None
+        if labels is not None:  # the language-model loss of the policy rows, as the causal LM computes it
+            targets = labels.to(logits.device)[:, -logits.shape[1]:][:, 1:]
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss, values
 
     def _on_input_device(self, *tensors):
         """Move token tensors to where the embeddings are (None stays None): callers may pass CPU tensors."""
@@ -287,56 +324,65 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     def _is_foreign_lora(self, name) -> bool:
         config = self.pretrained_model.peft_config.get(name) if isinstance(name, str) else None
         return (config is not None and name != self.reward_adapter_name
+                and name not in self.critic_adapter_names.values()
                 and str(getattr(config.peft_type, "value", config.peft_type)) == "LORA")
 
     def _adopt_policy_adapter(self, name: str) -> None:
         """A LoRA adapter added to `pretrained_model` with peft's `add_adapter` becomes a policy with a value head."""
-        self.policy_adapter_names.append(name)
-        hidden, _ = hidden_and_vocab_size(self.config)
-        self.v_heads[name] = ValueHead(hidden, self.value_head_dropout).to(self._head_device())
+        self._register_policy(name, self.pretrained_model.peft_config[name])
 
-    def add_policy_adapter(self, name: str, lora_config) -> None:
-        """A further policy adapter (with its own value head) on the same base; not active until selected."""
+    def add_policy_adapter(self, name: str, lora_config, critic_peft_config=None) -> None:
+        """A further policy adapter (with its own value head, and critic adapter with critic="adapter") on the same
+        base; not active until selected."""
         _check_adapter_name(name, set(self.pretrained_model.peft_config))
         lora_config = _lora_config_for_causal_lm(lora_config, "lora_config")
         self.pretrained_model.add_adapter(name, lora_config)
+        self._register_policy(name, lora_config, critic_peft_config)
+        self.set_policy_adapter(self._active_policy)  # the new one stays frozen until it is selected
+
+    def _register_policy(self, name: str, lora_config, critic_peft_config=None) -> None:
         self.policy_adapter_names.append(name)
         hidden, _ = hidden_and_vocab_size(self.config)
         self.v_heads[name] = ValueHead(hidden, self.value_head_dropout).to(self._head_device())
-        self.set_policy_adapter(self._active_policy)  # the new one stays frozen until it is selected
+        if self.critic == "adapter":  # each policy gets a critic of its own (from scratch: the policy's LoRA config)
+            critic = critic_adapter_name(name)
+            _check_adapter_name(critic, set(self.pretrained_model.peft_config))
+            self.pretrained_model.add_adapter(critic, _lora_config_for_causal_lm(
+                critic_peft_config or lora_config, "critic_peft_config"))
+            self.critic_adapter_names[name] = critic
 
     def set_policy_adapter(self, name: str) -> None:
-        """Make `name` the active policy: only its LoRA weights and value head are trainable afterwards."""
+        """Make `name` the active policy: only its LoRA weights and value head (and its critic adapter) are
+        trainable afterwards."""
         self._check_policy_name(name)
         self.pretrained_model.set_adapter(name, inference_mode=not self.is_trainable)
         self._active_policy = name
         for head_name, head in self.v_heads.items():
             head.requires_grad_(self.is_trainable and head_name == name)
+        for param in self.critic_parameters() if self.critic_adapter else []:
+            param.requires_grad_(self.is_trainable)  # not peft's active adapter, trainable all the same
         if self.reward_head is not None:
             self.reward_head.requires_grad_(False)
 
     def policy_parameters(self, adapter_name=None) -> list:
         """The LoRA parameters of one policy adapter (default: the active one)."""
         name = self._check_policy_name(adapter_name if adapter_name is not None else self._active_policy)
-        params, seen = [], set()
-        for module in self.pretrained_model.modules():
-            containers = [getattr(module, attr, None) for attr in getattr(module, "adapter_layer_names", ())]
-            saved = getattr(module, "modules_to_save", None)  # peft's ModulesToSaveWrapper
-            if isinstance(saved, nn.ModuleDict):
-                containers.append(saved)
-            for container in containers:
-                if container is None or name not in container:
-                    continue
-                item = container[name]
-                for param in item.parameters() if isinstance(item, nn.Module) else [item]:
-                    if id(param) not in seen:
-                        seen.add(id(param))
-                        params.append(param)
-        return params
+        return adapter_parameters(self.pretrained_model, name)
+
+    def critic_parameters(self, adapter_name=None) -> list:
+        """The LoRA parameters of a policy's critic adapter (default: the active policy's); [] with critic="head"."""
+        name = self._check_policy_name(adapter_name if adapter_name is not None else self._active_policy)
+        critic = self.critic_adapter_names.get(name)
+        return adapter_parameters(self.pretrained_model, critic) if critic else []
+
+    def value_parameters(self) -> list:
+        """What the value loss trains beyond the shared trunk: the value head, and the critic adapter if any."""
+        return self.critic_parameters() + list(self.v_head.parameters())
 
     def trainable_parameters(self) -> list:
-        """What PPO optimises: the active policy's LoRA parameters and its value head (frozen if is_trainable=False)."""
-        return self.policy_parameters() + list(self.v_head.parameters())
+        """What PPO optimises: the active policy's LoRA parameters, its value head and critic adapter (frozen if
+        is_trainable=False)."""
+        return self.policy_parameters() + self.value_parameters()
 
     # ---------------------------------------------------------------- saving / loading
     def save_pretrained(self, save_directory) -> None:
@@ -350,11 +396,13 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             "format": "marl_utils.AutoModelForCausalLMWithValueHead", "version": 1,
             "base_model_name_or_path": base_name, "policy_adapter_names": self.policy_adapter_names,
             "active_adapter": self._active_policy, "reward_adapter_name": self.reward_adapter_name,
-            "value_head_dropout": self.value_head_dropout,
+            "value_head_dropout": self.value_head_dropout, "critic": self.critic,
+            "critic_adapter_names": self.critic_adapter_names,
         }
         heads = {key: value.detach().cpu().contiguous() for key, value in self.v_heads.state_dict().items()}
         with atomic_dir(save_directory) as tmp:
-            self.pretrained_model.save_pretrained(str(tmp), selected_adapters=self.policy_adapter_names)
+            self.pretrained_model.save_pretrained(
+                str(tmp), selected_adapters=self.policy_adapter_names + list(self.critic_adapter_names.values()))
             save_file(heads, str(tmp / VALUE_HEADS_FILE))
             (tmp / MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
@@ -362,11 +410,16 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     def from_pretrained(cls, pretrained_model_name_or_path, *, peft_config=None, reward_adapter=None,
                         reward_adapter_name: str = "reward_adapter", policy_adapter_name: str = "default",
                         load_in_8bit: bool = False, load_in_4bit: bool = False, quantization_config=None,
-                        value_head_dropout: float = 0.0, is_trainable: bool = True, **kwargs):
+                        value_head_dropout: float = 0.0, is_trainable: bool = True, critic: str = "head",
+                        critic_peft_config=None, critic_init: str | None = None, **kwargs):
         """Load the base (hub id, folder, model object, or a folder from `save_pretrained`) and its adapters.
 
-        All input checks, including the reward adapter's files against the base's config, run before any
-        weights load. `**kwargs` go to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, revision...).
+        `critic="head"` puts the value head on the policy's last hidden state; `critic="adapter"` gives each
+        policy a critic LoRA adapter of its own (config `critic_peft_config`, default: the policy's), whose
+        last hidden state the value head reads; `critic_init="reward_adapter"` starts that critic (LoRA and
+        head) as a copy of the reward adapter. All input checks, including the reward adapter's files against
+        the base's config, run before any weights load. `**kwargs` go to `AutoModelForCausalLM.from_pretrained`
+        (dtype, device_map, revision...).
         """
         from peft import PeftModel, get_peft_model
         from transformers import PreTrainedModel
@@ -374,6 +427,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         source = pretrained_model_name_or_path
         if not 0.0 <= value_head_dropout < 1.0:
             raise MarlInputError(f"value_head_dropout={value_head_dropout} must be in [0, 1)")
+        _check_critic_choice(critic, critic_peft_config, critic_init, reward_adapter)
         bnb_config = quantization_config_from_flags(load_in_8bit, load_in_4bit, quantization_config)
         saved = None
         if isinstance(source, (PreTrainedModel, PeftModel)):
@@ -410,6 +464,10 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             files = inspect_reward_adapter(reward_adapter, base_config, base_name, hub_kwargs)
         for name in policy_names:
             _check_adapter_name(name, set())
+        critic_names = saved.get("critic_adapter_names", {}) if saved else (
+            {name: critic_adapter_name(name) for name in policy_names} if critic == "adapter" else {})
+        for name in critic_names.values():
+            _check_adapter_name(name, set(policy_names) | ({reward_adapter_name} if reward_adapter else set()))
 
         # -- weights load from here on
         if isinstance(source, (PreTrainedModel, PeftModel)):
@@ -428,7 +486,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             first, *others = policy_names
             peft_model = PeftModel.from_pretrained(base, str(_adapter_folder(folder, first)), adapter_name=first,
                                                    is_trainable=is_trainable)
-            for name in others:
+            for name in [*others, *critic_names.values()]:
                 peft_model.load_adapter(str(_adapter_folder(folder, name)), adapter_name=name,
                                         is_trainable=is_trainable)
         else:
@@ -439,16 +497,42 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         reward_head = None
         if reward_adapter is not None:
             reward_head = load_reward_adapter(peft_model, files, reward_adapter_name)
+        if not saved:
+            for name, critic_name in critic_names.items():
+                if critic_init == "reward_adapter":  # a trainable copy of the reward LoRA; the reward adapter stays
+                    load_reward_adapter(peft_model, files, critic_name, is_trainable=True)
+                else:
+                    peft_model.add_adapter(critic_name, _lora_config_for_causal_lm(
+                        critic_peft_config or peft_model.peft_config[name], "critic_peft_config"))
 
         model = cls(peft_model, policy_names, reward_adapter_name=reward_adapter_name if reward_adapter else None,
                     reward_head=reward_head, value_head_dropout=value_head_dropout, is_trainable=is_trainable,
-                    active_adapter=saved["active_adapter"] if saved else None)
+                    active_adapter=saved["active_adapter"] if saved else None, critic_adapter_names=critic_names)
+        if critic_init == "reward_adapter" and not saved:
+            for name in policy_names:
+                copy_reward_head_into(model.v_heads[name], reward_head)
         if saved:
             from safetensors.torch import load_file
 
             heads = load_file(str(Path(source) / VALUE_HEADS_FILE), device=str(model.device))
             model.v_heads.load_state_dict(heads, strict=True)
         return model.eval()
+
+
+def _check_critic_choice(critic, critic_peft_config, critic_init, reward_adapter) -> None:
+    if critic not in CRITICS:
+        raise MarlInputError(f"critic={critic!r} is unknown; use 'head' (value head on the policy's hidden state) or "
+                             "'adapter' (a critic LoRA adapter of its own on the same base)")
+    if critic_init not in CRITIC_INITS:
+        raise MarlInputError(f"critic_init={critic_init!r} is unknown; use None (a fresh critic adapter) or "
+                             "'reward_adapter' (start from a copy of the reward adapter)")
+    if critic == "head" and (critic_peft_config is not None or critic_init is not None):
+        raise MarlInputError("critic_peft_config and critic_init need critic='adapter'")
+    if critic_init == "reward_adapter" and reward_adapter is None:
+        raise MarlInputError("critic_init='reward_adapter' copies the reward adapter: pass reward_adapter= too")
+    if critic_init == "reward_adapter" and critic_peft_config is not None:
+        raise MarlInputError("critic_init='reward_adapter' takes the reward adapter's LoRA config; drop "
+                             "critic_peft_config")
 
 
 def _read_saved_model(source):

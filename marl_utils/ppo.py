@@ -126,11 +126,10 @@ class PPOTrainer:
             raise MarlInputError("the model has nothing to train: it was loaded with is_trainable=False (for "
                                  "inference); load it with from_pretrained(..., is_trainable=True)")
         if optimizer is None:
-            # two parameter groups: a value head trained from scratch may want another rate than the LoRA
+            # two parameter groups: a value head (and critic adapter) trained from scratch may want another rate
             optimizer = torch.optim.Adam([
                 {"params": model.policy_parameters(), "lr": config.learning_rate},
-                {"params": list(model.v_head.parameters()),
-                 "lr": config.value_head_learning_rate or config.learning_rate}])
+                {"params": model.value_parameters(), "lr": config.value_head_learning_rate or config.learning_rate}])
         base = model.pretrained_model.get_base_model()
         placed = bool(getattr(base, "hf_device_map", None)) or getattr(base, "hf_quantizer", None) is not None
         # the prepared model is DDP-wrapped under several processes; it is only used for training forwards
@@ -349,7 +348,10 @@ class PPOTrainer:
         cfg, accelerator = self.config, self.accelerator
         mask = rollout.mask
         epoch_stats, first_approxkl, epochs_run = [], None, 0
-        with train_mode_without_dropout(self.model), accelerator.autocast():
+        # with a critic adapter every training forward runs [policy rows; critic rows] (critic.py); the context
+        # spans the backward passes too, which recompute layers under gradient checkpointing
+        critic_rows = self.model.critic_rows() if self.model.critic_adapter else contextlib.nullcontext()
+        with train_mode_without_dropout(self.model), accelerator.autocast(), critic_rows:
             for epoch in range(cfg.ppo_epochs):
                 order = torch.randperm(cfg.batch_size).to(self.device)
                 per_epoch = []

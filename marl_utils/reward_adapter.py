@@ -260,11 +260,18 @@ def load_score_head(files: RewardAdapterFiles, device=None) -> nn.Linear:
     return head.requires_grad_(False)
 
 
-def load_reward_adapter(peft_model, files, name) -> nn.Linear:
-    """The reward LoRA into the policy's peft model (frozen), and the score head peft leaves behind."""
+def load_reward_adapter(peft_model, files, name, is_trainable: bool = False) -> nn.Linear:
+    """The reward LoRA into the policy's peft model (frozen), and the score head peft leaves behind.
+
+    `is_trainable=True` loads a trainable copy under another name (a critic started from the reward model);
+    its config then says what it is on this model: a causal-LM LoRA without the classifier head.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-        result = peft_model.load_adapter(str(files.folder), adapter_name=name, is_trainable=False)
+        result = peft_model.load_adapter(str(files.folder), adapter_name=name, is_trainable=is_trainable)
+    if is_trainable:
+        config = peft_model.peft_config[name]
+        config.task_type, config.modules_to_save = "CAUSAL_LM", None
     head_keys = set(files.head_keys.values())
     left_out = [key for key in result.unexpected_keys if key not in head_keys]
     missing = [key for key in result.missing_keys if name in key]

@@ -110,16 +110,19 @@ def can_fuse(model) -> str | None:
 def fused_rollout(model, batch: dict, chunk: int, temperature: float, with_reward: bool = False) -> Rollout:
     """Policy, reference (and reward) rows of each chunk in ONE forward of the base, one adapter per row.
 
-    The decoder body runs once over [policy rows; reference rows; (reward rows)]; the vocabulary projection
-    then runs on the policy and reference rows' last R+1 positions only, the value head on the policy rows,
-    the reward head on the reward rows' scoring position. peft allows per-row adapters in eval mode only;
+    The decoder body runs once over [policy rows; reference rows; (reward rows); (critic rows)]; the
+    vocabulary projection then runs on the policy and reference rows' last R+1 positions only, the value head
+    on the policy rows (or on the critic rows when the critic is an adapter of its own), the reward head on
+    the reward rows' scoring position. peft allows per-row adapters in eval mode only;
     dropout is off either way, so the numbers are those of the separate passes (tests compare them).
     """
     peft_model = model.pretrained_model
     causal_lm = peft_model.get_base_model()
     body, lm_head = causal_lm.base_model, causal_lm.get_output_embeddings()
     width, mask, targets = response_view(batch)
-    roles = [model.active_adapter, "__base__"] + ([model.reward_adapter_name] if with_reward else [])
+    critic = model.critic_adapter  # None: the value head reads the policy rows
+    roles = [model.active_adapter, "__base__"] + ([model.reward_adapter_name] if with_reward else []) + (
+        [critic] if critic else [])
     parts = []
     for rows in torch.arange(mask.shape[0], device=mask.device).split(chunk):
         n = len(rows)
@@ -132,11 +135,12 @@ def fused_rollout(model, batch: dict, chunk: int, temperature: float, with_rewar
             logits = lm_head(hidden[:2 * n, -width - 1:])  # policy + reference rows, response positions
         logprobs, scaled = logprobs_at_responses(logits[:n], targets[rows], temperature)
         ref_logprobs, _ = logprobs_at_responses(logits[n:2 * n], targets[rows], temperature)
-        values = model.v_head(hidden[:n, -width - 1:-1])
+        value_rows = hidden[-n:] if critic else hidden[:n]
+        values = model.v_head(value_rows[:, -width - 1:-1])
         scores = None
         if with_reward:
-            reward_hidden = hidden[2 * n:]
-            at = model.reward_token_index(ids[2 * n:], attention[2 * n:])
+            reward_hidden = hidden[2 * n:3 * n]
+            at = model.reward_token_index(ids[2 * n:3 * n], attention[2 * n:3 * n])
             picked = reward_hidden[torch.arange(n, device=at.device), at]  # [n,H]
             scores = model.reward_head(picked.to(model.reward_head.weight.dtype)).squeeze(-1).float()
         parts.append((logprobs, values, ref_logprobs, entropy_from_logits(scaled), scores))

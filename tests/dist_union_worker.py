@@ -34,12 +34,13 @@ def main(argv=None) -> None:
     parser.add_argument("reward_adapter")
     parser.add_argument("out", type=Path)
     parser.add_argument("--union", action="store_true", help="one process on the rollouts of both ranks")
+    parser.add_argument("--critic", default="head", choices=["head", "adapter"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     half = 3
     size = 2 * half if args.union else half
     trainer = build_trainer(args.base, args.reward_adapter, batch_size=size, mini_batch_size=size, ppo_epochs=2,
-                            init_kl_coef=0.1, whiten_rewards=True)
+                            init_kl_coef=0.1, whiten_rewards=True, model_kwargs={"critic": args.critic})
     queries, responses, scores = rollouts(trainer.tokenizer)
     rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
     if args.union:

@@ -35,9 +35,9 @@ PROMPT_TEXTS = ["the movie", "i loved this movie a", "bad", "a wonderful film wi
 
 
 def build_trainer(base, reward_adapter, *, steps: int = 6, save_every: int = 1, seed: int = 0, lora_r: int = 4,
-                  tokenizer=None, **config):
+                  tokenizer=None, model_kwargs=None, **config):
     """Policy LoRA + value head + reward adapter on one tiny base, and a PPOTrainer at toy sizes (`config`: more
-    PPOConfig fields; `tokenizer`: instead of the base's own)."""
+    PPOConfig fields; `tokenizer`: instead of the base's own; `model_kwargs`: more from_pretrained arguments)."""
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
@@ -49,7 +49,7 @@ def build_trainer(base, reward_adapter, *, steps: int = 6, save_every: int = 1, 
     lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                       task_type="CAUSAL_LM")
     model = AutoModelForCausalLMWithValueHead.from_pretrained(str(base), peft_config=lora,
-                                                              reward_adapter=str(reward_adapter))
+                                                              reward_adapter=str(reward_adapter), **(model_kwargs or {}))
     sizes = dict(batch_size=4, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-2, max_new_tokens=6,
                  min_response_tokens=0)
     cfg = PPOConfig(seed=seed, steps=steps, save_every=save_every, **{**sizes, **config})
