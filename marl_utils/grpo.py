@@ -1,0 +1,415 @@
+"""Critic-free RL on the one base: TRL's GRPOTrainer and RLOOTrainer, scored by the reward adapter (notebook 07).
+
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(sft_dir, peft_config=lora, reward_adapter=reward_dir)
+    trainer = build_trainer("grpo", model, tokenizer, prompts, grpo_settings(profile))   # or "rloo"
+    trainer.train()                       # TRL's loop; the policy LoRA is the only thing that changes
+
+Every role still lives on one base: the policy is the LoRA adapter TRL trains, the reference is the same
+base with every adapter disabled, the reward is the frozen stage-2 adapter (`reward_adapter_reward`).
+There is no value head to train: GRPO compares each completion with the other completions of its prompt
+(advantage = (r - mean of the group) / std of the group), RLOO with the mean of the OTHER completions.
+
+What TRL 1.16 does with a peft model it is given, and what `build_trainer` does about it:
+- With a PeftModel and beta > 0 (RLOO: always) TRL adds an adapter "ref", a copy of "default", and uses it
+  as the reference. For a fresh policy LoRA that equals the base, for any other it does not; either way it
+  is one more adapter in memory. `build_trainer` deletes it, so TRL falls back to `disable_adapter()`: the
+  plain base, with the reward adapter disabled as well.
+- TRL turns gradient checkpointing and bf16 on by default; here both are off: the tiny base needs no
+  checkpointing, and under bf16 TRL's generate and the reward forward would run in another precision
+  than the training forward (the project's rule: one precision per step).
+- TRL's optimizer takes whatever `requires_grad` says when training starts; `build_trainer` checks that this
+  is exactly the policy LoRA, and the reward call restores those flags each time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .errors import MarlInputError
+from .grpo_reward import reward_adapter_reward
+
+ALGOS = ("grpo", "rloo")
+MB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    """Sizes of a GRPO / RLOO run on one profile; `grpo_settings(profile)` fills it (printed in notebook 07)."""
+
+    steps: int
+    """Generation rounds. Each samples `rollouts_per_step` completions, as one PPO step does."""
+    rollouts_per_step: int
+    """Completions per round: rollouts_per_step / num_generations prompts, each sampled num_generations times."""
+    num_generations: int
+    """Group size G: completions per prompt. GRPO's baseline is the group mean, RLOO's the mean of the G-1 others."""
+    mini_batch_size: int
+    """Completions per optimizer step (PPO: mini_batch_size)."""
+    num_iterations: int
+    """Passes over each round's completions (PPO: ppo_epochs). Above 1 the clipped ratio starts to matter."""
+    learning_rate: float
+    """Adam learning rate of the policy LoRA, constant (no decay), like PPOTrainer's."""
+    grpo_beta: float
+    """GRPO: weight of the per-token KL to the reference (k3 estimator) in the loss."""
+    rloo_beta: float
+    """RLOO: the reward is score - beta * KL of the whole sequence (k1, summed), as in PPO's per-token penalty."""
+    max_new_tokens: int
+    """Completion length cap (PPO: max_new_tokens), so all three sample the same number of tokens."""
+    min_reward_gain: float
+    """Bar notebook 07 asserts: held-out reward gain after training at least this."""
+    max_kl: float
+    """Bar notebook 07 asserts: held-out KL to the reference (nats per sequence) at most this."""
+    temperature: float = 1.0
+    epsilon: float = 0.2
+    """Ratio clip, as PPO's cliprange."""
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.rollouts_per_step // self.num_generations
+
+    @property
+    def optimizer_steps_per_round(self) -> int:
+        return self.rollouts_per_step // self.mini_batch_size * self.num_iterations
+
+    @property
+    def optimizer_steps(self) -> int:
+        """TRL's max_steps: it counts optimizer steps, not generation rounds."""
+        return self.steps * self.optimizer_steps_per_round
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_group_size(rollouts_per_step: int) -> int:
+    """8 completions per prompt (a common GRPO choice), or the largest of 4 and 2 that divides the round."""
+    return next((g for g in (8, 4, 2) if rollouts_per_step % g == 0), 8)
+
+
+def grpo_settings(profile, **overrides) -> GRPOSettings:
+    """GRPO / RLOO sizes from a profile: its grpo_* fields where it has them, else its PPO sizes.
+
+    Same rounds, rollouts per round, minibatch and completion length as PPO, so the three runs sample the
+    same number of tokens; `overrides` replace single fields (e.g. steps=2 in a quick test).
+    """
+    pick = lambda name, default: getattr(profile, name, default)
+    rollouts = pick("grpo_batch_size", profile.ppo_batch_size)
+    settings = GRPOSettings(
+        steps=pick("grpo_steps", profile.ppo_steps),
+        rollouts_per_step=rollouts,
+        num_generations=pick("grpo_num_generations", default_group_size(rollouts)),
+        mini_batch_size=pick("grpo_mini_batch_size", profile.ppo_mini_batch_size),
+        num_iterations=pick("grpo_num_iterations", 2),
+        learning_rate=pick("grpo_learning_rate", profile.ppo_learning_rate),
+        grpo_beta=pick("grpo_beta", 0.04),
+        rloo_beta=pick("rloo_beta", profile.ppo_init_kl_coef),
+        max_new_tokens=profile.ppo_max_new_tokens,
+        min_reward_gain=pick("grpo_min_reward_gain", profile.ppo_min_reward_gain),
+        max_kl=pick("grpo_max_kl", profile.ppo_max_kl),
+    )
+    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    check_settings(settings)
+    return settings
+
+
+def check_settings(s: GRPOSettings) -> None:
+    """Reject sizes TRL would refuse (or silently bend) before anything loads."""
+    for name in ("steps", "rollouts_per_step", "num_generations", "mini_batch_size", "num_iterations",
+                 "max_new_tokens"):
+        value = getattr(s, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise MarlInputError(f"GRPO setting {name}={value!r} must be a positive integer")
+    if s.num_generations < 2:
+        raise MarlInputError(f"num_generations={s.num_generations}: group-relative advantages need at least 2 "
+                             "completions per prompt (one alone is its own baseline, advantage 0)")
+    if s.rollouts_per_step % s.num_generations:
+        raise MarlInputError(f"rollouts_per_step={s.rollouts_per_step} is not a multiple of num_generations="
+                             f"{s.num_generations}: every prompt needs a whole group of completions")
+    if s.rollouts_per_step % s.mini_batch_size:
+        raise MarlInputError(f"rollouts_per_step={s.rollouts_per_step} is not a multiple of mini_batch_size="
+                             f"{s.mini_batch_size}: every optimizer step must see a whole minibatch")
+    for name in ("learning_rate", "temperature"):
+        if not getattr(s, name) > 0:
+            raise MarlInputError(f"GRPO setting {name}={getattr(s, name)!r} must be positive")
+    for name in ("grpo_beta", "rloo_beta"):
+        if not getattr(s, name) > 0:
+            raise MarlInputError(f"GRPO setting {name}={getattr(s, name)!r} must be > 0: with beta = 0 nothing "
+                                 "keeps the policy near the reference (the adapter-disabled base)")
+
+
+def check_stage3(profile, algo: str, steps: int | None = None, resume: bool = False) -> GRPOSettings:
+    """`marl run --algo grpo|rloo` / `marl grpo`: refuse what cannot work before stages 1-2 train."""
+    if algo not in ALGOS:
+        raise MarlInputError(f"algo={algo!r} is unknown; use one of {ALGOS} (PPO: `marl ppo`)")
+    if resume:
+        raise MarlInputError(f"--resume continues PPO from its checkpoints; a {algo.upper()} run keeps none (it is "
+                             "as short as PPO's): run it again, with --force to replace a finished one")
+    try:
+        return grpo_settings(profile, steps=steps)
+    except MarlInputError as err:
+        raise MarlInputError(f"profile {profile.name!r}: {err} (GRPO sizes follow the profile's ppo_* fields)") from None
+
+
+def trl_args(algo: str, settings: GRPOSettings, work_dir, seed: int = 0):
+    """TRL's GRPOConfig / RLOOConfig for these settings, with its defaults overridden where they are wrong here."""
+    from trl import GRPOConfig, RLOOConfig
+
+    if algo not in ALGOS:
+        raise MarlInputError(f"algo={algo!r} is unknown; use one of {ALGOS} (PPO is marl_utils.PPOTrainer)")
+    cuda = torch.cuda.is_available()
+    common = dict(
+        output_dir=str(work_dir), seed=seed, max_steps=settings.optimizer_steps,
+        per_device_train_batch_size=settings.mini_batch_size, gradient_accumulation_steps=1,
+        generation_batch_size=settings.rollouts_per_step, num_generations=settings.num_generations,
+        num_iterations=settings.num_iterations, epsilon=settings.epsilon,
+        max_completion_length=settings.max_new_tokens,
+        temperature=settings.temperature, top_p=1.0, top_k=0, repetition_penalty=1.0,  # plain sampling
+        learning_rate=settings.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=0.0,  # PPOTrainer does not clip either (0 = off in transformers' Trainer)
+        disable_dropout=True,  # the rollout logprobs must equal the first training forward's
+        bf16=False, fp16=False, use_cpu=not cuda,
+        activation_checkpointing=False,  # the new name: TRL's gradient_checkpointing=True default is off
+        logging_steps=settings.optimizer_steps_per_round,  # one log entry per generation round
+        save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+    )
+    if algo == "grpo":
+        return GRPOConfig(**common, beta=settings.grpo_beta, scale_rewards="group", loss_type="dapo")
+    return RLOOConfig(**common, beta=settings.rloo_beta, normalize_advantages=False)
+
+
+def prompt_dataset(prompts, tokenizer):
+    """A datasets.Dataset with TRL's "prompt" column: token prompts (1-D tensors) decoded to text."""
+    from datasets import Dataset
+
+    if not prompts:
+        raise MarlInputError("no training prompts: pass a list of 1-D token tensors (load_prompts)")
+    return Dataset.from_dict({"prompt": [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]})
+
+
+@contextlib.contextmanager
+def quiet_trl():
+    """Silence exactly the notices TRL and transformers print for settings this module chose on purpose."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "model_init_kwargs ignored"-style info lines about an instantiated model
+    with warnings.catch_warnings():
+        # TRL 1.16 reads model.is_gradient_checkpointing around every generate; transformers 5 deprecated that
+        # name. It is TRL's call, not the learner's, and says nothing about this run.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+
+
+def use_base_as_reference(trainer, model) -> None:
+    """Drop TRL's "ref" copy of the policy adapter: the reference becomes the base with every adapter disabled."""
+    peft_model = model.pretrained_model
+    if "ref" in peft_model.peft_config:
+        peft_model.delete_adapter("ref")
+    model.set_policy_adapter(model.active_adapter)  # peft's add/delete move requires_grad flags; put them back
+
+
+def check_only_policy_trains(model) -> None:
+    """What TRL's optimizer will take (every parameter with requires_grad) must be the policy LoRA, nothing else."""
+    policy = {id(p) for p in model.policy_parameters()}
+    trainable = [name for name, p in model.pretrained_model.named_parameters() if p.requires_grad]
+    extra = [name for name, p in model.pretrained_model.named_parameters() if p.requires_grad and id(p) not in policy]
+    if extra or not trainable:
+        raise MarlInputError(f"TRL would train {extra[:3] or 'nothing'} besides the policy adapter "
+                             f"{model.active_adapter!r}; the reward adapter and the base must stay frozen. Load the "
+                             "model with from_pretrained(..., is_trainable=True) and do not unfreeze other weights")
+
+
+def build_trainer(algo: str, model, tokenizer, prompts, settings: GRPOSettings, *, seed: int = 0, work_dir=None,
+                  progress: bool = True, callbacks=()):
+    """TRL's GRPOTrainer ("grpo") or RLOOTrainer ("rloo") on the one base, scored by its reward adapter.
+
+    `model`: an `AutoModelForCausalLMWithValueHead` with a fresh policy adapter and the reward adapter;
+    `prompts`: 1-D token tensors. TRL trains `model.pretrained_model` (the peft model) in place.
+    """
+    from trl import GRPOTrainer, RLOOTrainer
+
+    if algo not in ALGOS:
+        raise MarlInputError(f"algo={algo!r} is unknown; use one of {ALGOS} (PPO is marl_utils.PPOTrainer)")
+    reward = reward_adapter_reward(model, tokenizer)  # refuses a model without reward adapter, up front
+    if tokenizer.padding_side != "left":
+        raise MarlInputError("the tokenizer pads on the right; set tokenizer.padding_side = 'left' so batched "
+                             "generation continues every prompt from its last real token")
+    work_dir = Path(work_dir or tempfile.mkdtemp(prefix=f"marl-{algo}-"))
+    args = trl_args(algo, settings, work_dir, seed)
+    dataset = prompt_dataset(prompts, tokenizer)
+    trainer_class = GRPOTrainer if algo == "grpo" else RLOOTrainer
+    model.set_policy_adapter(model.active_adapter)
+    with quiet_trl():
+        trainer = trainer_class(model=model.pretrained_model, reward_funcs=[reward], args=args,
+                                train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks))
+    reward.check_trains(trainer.model)
+    use_base_as_reference(trainer, model)
+    check_only_policy_trains(model)
+    replace_progress_bar(trainer, algo, progress)
+    trainer.marl_reward = reward
+    return trainer
+
+
+def replace_progress_bar(trainer, algo: str, progress: bool) -> None:
+    """transformers prints every log dict; show one bar with reward, KL and length instead, as PPOTrainer does."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
+
+    class RoundBar(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, desc=algo.upper(), disable=not progress)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                self.bar.set_postfix(reward=f"{logs['reward']:.2f}", kl=f"{logs.get('kl', float('nan')):.3f}",
+                                     len=f"{logs.get('completions/mean_length', float('nan')):.1f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(RoundBar())
+
+
+def round_history(trainer, settings: GRPOSettings) -> list:
+    """One entry per generation round from TRL's log, under the names PPOTrainer's history uses for the same things.
+
+    env/score_mean: mean reward-adapter score; objective/kl: KL to the reference in nats per sequence (TRL logs
+    it per token: GRPO's k3 of the current policy, RLOO's k1 of the rollout policy; times the mean length);
+    ppo/response_tokens_mean: completion length. `rollouts`: completions sampled so far.
+    """
+    history = []
+    for entry in trainer.state.log_history:
+        if "reward" not in entry:
+            continue
+        length = entry.get("completions/mean_length", float("nan"))
+        history.append({
+            "step": len(history) + 1, "rollouts": (len(history) + 1) * settings.rollouts_per_step,
+            "env/score_mean": entry.get("rewards/reward_adapter/mean", entry["reward"]),
+            "env/score_std": entry.get("rewards/reward_adapter/std", entry.get("reward_std")),
+            "objective/kl": entry.get("kl", 0.0) * length, "objective/kl_per_token": entry.get("kl", 0.0),
+            "ppo/response_tokens_mean": length, "objective/entropy": entry.get("entropy"),
+            "loss": entry.get("loss"), "clip_ratio": entry.get("clip_ratio/region_mean"),
+            "frac_reward_zero_std": entry.get("frac_reward_zero_std"),
+        })
+    return history
+
+
+@contextlib.contextmanager
+def measure_cost(device=None):
+    """Seconds and peak memory of the block, into the yielded dict: seconds, peak_memory_mb.
+
+    CUDA: the allocator's peak above what was allocated at the start. CPU: the process's resident-set peak above
+    its size at the start (the kernel's high-water mark, reset first; None where that cannot be reset).
+    """
+    from .bench_memory import peak_rss_bytes, reset_peak_rss, return_free_heap, rss_bytes
+
+    cost = {}
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+    else:
+        return_free_heap()  # freed heap of earlier work would otherwise still count as resident
+        start = rss_bytes()
+        resettable = start is not None and reset_peak_rss()
+    began = time.perf_counter()
+    try:
+        yield cost
+    finally:
+        if cuda:
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+        else:
+            peak = peak_rss_bytes() if resettable else None
+        cost["seconds"] = round(time.perf_counter() - began, 2)
+        cost["peak_memory_mb"] = round((peak - start) / MB, 1) if peak is not None else None
+
+
+@dataclass
+class GRPOResult:
+    """What a GRPO / RLOO stage produced: the saved policy, eval before/after, one history entry per round."""
+
+    model_dir: Path
+    metrics: dict
+    history: list = field(default_factory=list)
+
+
+def evaluator(profile, model, tokenizer, seed: int = 0):
+    """PPOTrainer's held-out evaluation (same prompts, sampling seed and measures as PPO), for any policy."""
+    from .pipeline import ppo_config
+    from .ppo import PPOTrainer
+
+    return PPOTrainer(ppo_config(profile, seed), model=model, tokenizer=tokenizer)
+
+
+def train_grpo(profile, output_dir=None, dataset=None, *, algo: str = "grpo", seed: int = 0, force: bool = False,
+               steps: int | None = None, progress: bool = True) -> GRPOResult:
+    """Run GRPO (or RLOO) on the one base into `OUT/grpo/` (`OUT/rloo/`), building stages 1-2 if missing.
+
+    Same model parts, prompts and held-out evaluation as `train_ppo`, so the metrics compare one to one.
+    """
+    from .atomic import atomic_dir
+    from .pipeline import build_ppo_parts, check_ppo_settings, ensure_earlier_stages
+    from .runs import prepare_run_dir, read_metrics, stage_dir
+
+    settings = check_stage3(profile, algo, steps)
+    out = prepare_run_dir(output_dir, profile)
+    final = stage_dir(out, algo)
+    if final.exists() and not force:
+        print(f"stage 3 ({algo.upper()}) already done: {final}")
+        metrics = read_metrics(final)
+        return GRPOResult(final, metrics, metrics.get("history", []))
+    check_ppo_settings(profile, out, seed)  # prompt lengths and context: the same prompts as PPO
+    ensure_earlier_stages(profile, out, dataset, seed, progress)
+
+    start = time.perf_counter()
+    model, tokenizer, _, prompts, eval_prompts = build_ppo_parts(profile, out, dataset, seed, steps=settings.steps)
+    evaluation = evaluator(profile, model, tokenizer, seed)
+    before = evaluation.evaluate(eval_prompts)
+    work_dir = Path(tempfile.mkdtemp(prefix=f"marl-{algo}-"))
+    try:
+        trainer = build_trainer(algo, model, tokenizer, prompts, settings, seed=seed, work_dir=work_dir,
+                                progress=progress)
+        with quiet_trl(), measure_cost(model.device) as cost:
+            trainer.train()
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    after = evaluation.evaluate(eval_prompts)
+    history = round_history(trainer, settings)
+    metrics = {
+        "profile": profile.name, "algo": algo, "seed": seed,
+        "seconds": round(time.perf_counter() - start, 2), "train_seconds": cost["seconds"],
+        "peak_memory_mb": cost["peak_memory_mb"], "steps": len(history), "max_new_tokens": settings.max_new_tokens,
+        "rollouts": settings.steps * settings.rollouts_per_step,
+        "generated_tokens": round(sum(h["ppo/response_tokens_mean"] for h in history) * settings.rollouts_per_step),
+        "eval_reward_before": before["reward_mean"], "eval_reward_after": after["reward_mean"],
+        "kl_final": after["kl_mean"], "response_tokens_mean": after["response_tokens_mean"],
+        "distinct_2_before": before["distinct_2"], "distinct_2_after": after["distinct_2"],
+        "samples_before": before["samples"], "samples_after": after["samples"],
+        "settings": settings.to_dict(), "history": history,
+    }
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)  # the policy adapter (+ its untouched value head): reload with from_pretrained
+        tokenizer.save_pretrained(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    print(f"stage 3 ({algo.upper()}) done in {metrics['seconds']:.0f}s: eval reward {metrics['eval_reward_before']:.2f} -> "
+          f"{metrics['eval_reward_after']:.2f}, KL {metrics['kl_final']:.2f} nats, "
+          f"{metrics['response_tokens_mean']:.1f} tokens/response -> {final}")
+    return GRPOResult(final, metrics, history)
