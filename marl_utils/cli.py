@@ -4,6 +4,8 @@
     marl reward  [--profile P] [--dataset SRC] [--output-dir OUT]   stage 2 -> OUT/reward_adapter/
     marl ppo     [--profile P] [--dataset SRC] [--output-dir OUT]   stage 3 -> OUT/ppo/
     marl run     [--profile P] [--dataset SRC] [--output-dir OUT]   all three + plots + summary.json
+                 [--algo ppo|grpo|rloo]                             stage 3 with PPO, or TRL's GRPO / RLOO trainer
+    marl grpo    [--algo grpo|rloo] [--profile P] [--output-dir OUT]  stage 3 with TRL's trainer -> OUT/grpo/ (rloo/)
     marl bench   [--profile P] [--base-size tiny|mid|large|gpt2] [--precision fp32|bf16] [--device cpu|cuda]
                  [--steps 5] [--time-budget S] [--timing-only] [--profile-step] [--output-dir OUT]
 
@@ -36,12 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in [("sft", "stage 1: supervised fine-tuning"),
                             ("reward", "stage 2: train the reward adapter"),
                             ("ppo", "stage 3: PPO on a policy adapter, scored by the reward adapter"),
+                            ("grpo", "stage 3 with TRL's GRPOTrainer (--algo rloo: RLOOTrainer), same reward adapter"),
                             ("run", "stages 1-3 end to end, with plots and summary.json")]:
         p = sub.add_parser(name, help=help_text)
         _common(p)
         if name in ("ppo", "run"):
             p.add_argument("--steps", type=int, default=None, help="PPO steps (default: the profile's)")
             p.add_argument("--resume", action="store_true", help="continue PPO from the last checkpoint")
+        if name in ("grpo", "run"):
+            algos = ["grpo", "rloo"] if name == "grpo" else ["ppo", "grpo", "rloo"]
+            p.add_argument("--algo", default=algos[0], choices=algos, help="stage 3's trainer")
+        if name == "grpo":
+            p.add_argument("--steps", type=int, default=None, help="generation rounds (default: the profile's)")
     bench = sub.add_parser("bench", help="memory and time: one shared base vs separate models")
     bench.add_argument("--profile", default=None)
     bench.add_argument("--base-size", default="mid", choices=["tiny", "mid", "large", "gpt2"],
@@ -84,11 +92,16 @@ def run_command(args) -> int:
 
         run_ppo_stage(profile, args.output_dir, args.dataset, seed=args.seed, force=args.force,
                       steps=args.steps, resume=args.resume)
+    elif args.command == "grpo":
+        from .grpo import train_grpo
+
+        train_grpo(profile, args.output_dir, args.dataset, algo=args.algo, seed=args.seed, force=args.force,
+                   steps=args.steps)
     elif args.command == "run":
         from .pipeline import run_pipeline
 
         run_pipeline(profile, args.output_dir, args.dataset, seed=args.seed, force=args.force,
-                     steps=args.steps, resume=args.resume)
+                     steps=args.steps, resume=args.resume, algo=args.algo)
     return 0
 
 

@@ -194,29 +194,39 @@ def save_plots(out: Path, sft_metrics: dict, reward_metrics: dict, ppo_metrics: 
 
 
 def run_pipeline(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0, force: bool = False,
-                 steps: int | None = None, resume: bool = False, progress: bool = True) -> dict:
-    """`marl run`: SFT -> reward adapter -> PPO, then plots and `OUT/summary.json`."""
+                 steps: int | None = None, resume: bool = False, progress: bool = True, algo: str = "ppo") -> dict:
+    """`marl run`: SFT -> reward adapter -> PPO (`algo="grpo"`/`"rloo"`: TRL's trainer), plots, `OUT/summary.json`."""
     from .reward import train_reward_adapter
     from .sft import train_sft
 
     out = prepare_run_dir(output_dir, profile)
     check_ppo_settings(profile, out, seed, steps)
+    if algo != "ppo":
+        from .grpo import check_stage3
+
+        check_stage3(profile, algo, steps, resume)  # before stage 1 trains
     if dataset:
         from .data import load_imdb
 
         load_imdb(dataset, seed=seed)  # fail on a bad dataset now, not after stage 1
     sft = train_sft(profile, out, dataset, seed=seed, force=force, progress=progress)
     reward = train_reward_adapter(profile, out, dataset, seed=seed, force=force, progress=progress)
-    ppo = train_ppo(profile, out, dataset, seed=seed, force=force, steps=steps, resume=resume, progress=progress)
+    if algo == "ppo":
+        ppo = train_ppo(profile, out, dataset, seed=seed, force=force, steps=steps, resume=resume, progress=progress)
+    else:
+        from .grpo import train_grpo
+
+        ppo = train_grpo(profile, out, dataset, algo=algo, seed=seed, force=force, steps=steps, progress=progress)
     save_plots(out, sft.metrics, reward.metrics, ppo.metrics)
     summary = {
         "profile": profile.name,
         "seed": seed,
+        "algo": algo,
         "stages": {
             "sft": {k: sft.metrics.get(k) for k in ["seconds", "eval_perplexity"]},
             "reward": {k: reward.metrics.get(k) for k in ["seconds", "eval_accuracy", "untrained_accuracy",
                                                           "eval_prefix_accuracy", "untrained_prefix_accuracy"]},
-            "ppo": {k: ppo.metrics.get(k) for k in ["seconds", "steps", "max_new_tokens", "eval_reward_before",
+            algo: {k: ppo.metrics.get(k) for k in ["seconds", "steps", "max_new_tokens", "eval_reward_before",
                                                     "eval_reward_after", "kl_final", "response_tokens_mean",
                                                     "distinct_2_before", "distinct_2_after"]},
         },
