@@ -63,7 +63,8 @@ def critic_rows(model, policy_name: str, critic_name: str):
         kwargs["adapter_names"] = [policy_name] * (rows // 2) + [critic_name] * (rows - rows // 2)
         return args, kwargs
 
-    handles = [layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in lora_layers(model.pretrained_model)]
+    layers = lora_layers(model.pretrained_model)
+    handles = [layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in layers]
     model._critic_rows_active = True
     try:
         yield

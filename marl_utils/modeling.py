@@ -41,29 +41,23 @@ mode (like transformers); call `model.train()` before a training step.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .atomic import atomic_dir
-from .critic import (adapter_parameters, copy_reward_head_into, critic_adapter_name, critic_rows,
+from .critic import (adapter_parameters, critic_adapter_name, critic_rows,
                      policy_logits_and_critic_values)
 from .errors import MarlInputError
-from .quantization import disable_cpu_inference_packing, load_base, load_base_config, quantization_config_from_flags
-from .reward_adapter import check_fits_base, inspect_reward_adapter, load_reward_adapter
+from .model_loading import (MODEL_FILE, VALUE_HEADS_FILE, check_adapter_name, lora_config_for_causal_lm,
+                            load_model)
 from .value_head import ValueHead, hidden_and_vocab_size
 
 __all__ = ["AutoModelForCausalLMWithValueHead", "ValueHead", "position_ids_from_mask", "last_token_index"]
 
-MODEL_FILE = "marl_model.json"
-CRITICS = ("head", "adapter")
-CRITIC_INITS = (None, "reward_adapter")
-VALUE_HEADS_FILE = "value_heads.safetensors"
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -82,28 +76,6 @@ def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tens
     reads its score. With pad == EOS that is the token BEFORE a trailing EOS, where such a head was trained."""
     positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
     return (positions * (input_ids != pad_token_id)).argmax(-1)
-
-
-def _lora_config_for_causal_lm(peft_config, what: str):
-    """Reject non-LoRA configs; a config without a task type becomes a causal-LM one (a copy)."""
-    if getattr(peft_config, "peft_type", None) is None or str(getattr(peft_config.peft_type, "value",
-                                                                      peft_config.peft_type)) != "LORA":
-        raise MarlInputError(f"{what} must be a peft LoraConfig (got {type(peft_config).__name__}); the policy and "
-                             "the reward model are LoRA adapters on one base")
-    task = getattr(peft_config.task_type, "value", peft_config.task_type)
-    if task not in (None, "CAUSAL_LM"):
-        raise MarlInputError(f"{what} has task_type={task!r}; a policy adapter needs task_type='CAUSAL_LM'")
-    if task is None:
-        peft_config = copy.deepcopy(peft_config)
-        peft_config.task_type = "CAUSAL_LM"
-    return peft_config
-
-
-def _check_adapter_name(name, taken) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise MarlInputError(f"adapter name {name!r} is not valid: use a non-empty name without dots, e.g. 'policy_1'")
-    if name in taken:
-        raise MarlInputError(f"an adapter named {name!r} already exists on this model ({sorted(taken)}); pick another name")
 
 
 class AutoModelForCausalLMWithValueHead(nn.Module):
@@ -334,8 +306,8 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     def add_policy_adapter(self, name: str, lora_config, critic_peft_config=None) -> None:
         """A further policy adapter (with its own value head, and critic adapter with critic="adapter") on the same
         base; not active until selected."""
-        _check_adapter_name(name, set(self.pretrained_model.peft_config))
-        lora_config = _lora_config_for_causal_lm(lora_config, "lora_config")
+        check_adapter_name(name, set(self.pretrained_model.peft_config))
+        lora_config = lora_config_for_causal_lm(lora_config, "lora_config")
         self.pretrained_model.add_adapter(name, lora_config)
         self._register_policy(name, lora_config, critic_peft_config)
         self.set_policy_adapter(self._active_policy)  # the new one stays frozen until it is selected
@@ -346,8 +318,8 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         self.v_heads[name] = ValueHead(hidden, self.value_head_dropout).to(self._head_device())
         if self.critic == "adapter":  # each policy gets a critic of its own (from scratch: the policy's LoRA config)
             critic = critic_adapter_name(name)
-            _check_adapter_name(critic, set(self.pretrained_model.peft_config))
-            self.pretrained_model.add_adapter(critic, _lora_config_for_causal_lm(
+            check_adapter_name(critic, set(self.pretrained_model.peft_config))
+            self.pretrained_model.add_adapter(critic, lora_config_for_causal_lm(
                 critic_peft_config or lora_config, "critic_peft_config"))
             self.critic_adapter_names[name] = critic
 
@@ -421,133 +393,10 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         the base's config, run before any weights load. `**kwargs` go to `AutoModelForCausalLM.from_pretrained`
         (dtype, device_map, revision...).
         """
-        from peft import PeftModel, get_peft_model
-        from transformers import PreTrainedModel
+        return load_model(cls, pretrained_model_name_or_path, peft_config=peft_config, reward_adapter=reward_adapter,
+                          reward_adapter_name=reward_adapter_name, policy_adapter_name=policy_adapter_name,
+                          load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                          quantization_config=quantization_config, value_head_dropout=value_head_dropout,
+                          is_trainable=is_trainable, critic=critic, critic_peft_config=critic_peft_config,
+                          critic_init=critic_init, **kwargs)
 
-        source = pretrained_model_name_or_path
-        if not 0.0 <= value_head_dropout < 1.0:
-            raise MarlInputError(f"value_head_dropout={value_head_dropout} must be in [0, 1)")
-        _check_critic_choice(critic, critic_peft_config, critic_init, reward_adapter)
-        bnb_config = quantization_config_from_flags(load_in_8bit, load_in_4bit, quantization_config)
-        saved = None
-        if isinstance(source, (PreTrainedModel, PeftModel)):
-            if bnb_config is not None:
-                raise MarlInputError("load_in_8bit/load_in_4bit/quantization_config need a path or hub id: a model "
-                                     "object is already loaded; load it quantized, or pass its folder")
-            base_name = source.name_or_path if isinstance(source, PreTrainedModel) else \
-                source.get_base_model().name_or_path
-            base_config = source.config if isinstance(source, PreTrainedModel) else source.get_base_model().config
-        else:
-            saved = _read_saved_model(source)
-            base_name = saved["base_model_name_or_path"] if saved else str(source)
-            try:
-                base_config = load_base_config(base_name, kwargs)
-            except MarlInputError as err:
-                if not saved:
-                    raise
-                raise MarlInputError(f"{err}. This base is recorded in {Path(source) / MODEL_FILE}: edit "
-                                     "base_model_name_or_path there if the base model moved") from err
-        policy_names = saved["policy_adapter_names"] if saved else (
-            list(source.peft_config) if isinstance(source, PeftModel) else [policy_adapter_name])
-        if saved is None and not isinstance(source, PeftModel):
-            if peft_config is None:
-                raise MarlInputError("peft_config is required: the PPO policy is a LoRA adapter on the base"
-                                     + (" and reward_adapter is given" if reward_adapter is not None else "")
-                                     + "; pass peft_config=LoraConfig(r=16, lora_alpha=32, task_type='CAUSAL_LM')")
-            peft_config = _lora_config_for_causal_lm(peft_config, "peft_config")
-        elif peft_config is not None:
-            warnings.warn("peft_config is ignored: the policy adapters come from "
-                          f"{'the saved folder' if saved else 'the PeftModel'}; use add_policy_adapter for another")
-        if reward_adapter is not None:
-            _check_adapter_name(reward_adapter_name, set(policy_names))
-            hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
-            files = inspect_reward_adapter(reward_adapter, base_config, base_name, hub_kwargs)
-        for name in policy_names:
-            _check_adapter_name(name, set())
-        critic_names = saved.get("critic_adapter_names", {}) if saved else (
-            {name: critic_adapter_name(name) for name in policy_names} if critic == "adapter" else {})
-        for name in critic_names.values():
-            _check_adapter_name(name, set(policy_names) | ({reward_adapter_name} if reward_adapter else set()))
-
-        # -- weights load from here on
-        if isinstance(source, (PreTrainedModel, PeftModel)):
-            base = source
-        else:
-            base = load_base(base_name, bnb_config, kwargs)
-        disable_cpu_inference_packing(base)
-        causal_lm = base.get_base_model() if isinstance(base, PeftModel) else base
-        if reward_adapter is not None:
-            check_fits_base(files, causal_lm)
-
-        if isinstance(base, PeftModel):
-            peft_model = base
-        elif saved:
-            folder = Path(source)
-            first, *others = policy_names
-            peft_model = PeftModel.from_pretrained(base, str(_adapter_folder(folder, first)), adapter_name=first,
-                                                   is_trainable=is_trainable)
-            for name in [*others, *critic_names.values()]:
-                peft_model.load_adapter(str(_adapter_folder(folder, name)), adapter_name=name,
-                                        is_trainable=is_trainable)
-        else:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")  # GPT-2's Conv1D: peft fixes it
-                peft_model = get_peft_model(base, peft_config, adapter_name=policy_adapter_name)
-
-        reward_head = None
-        if reward_adapter is not None:
-            reward_head = load_reward_adapter(peft_model, files, reward_adapter_name)
-        if not saved:
-            for name, critic_name in critic_names.items():
-                if critic_init == "reward_adapter":  # a trainable copy of the reward LoRA; the reward adapter stays
-                    load_reward_adapter(peft_model, files, critic_name, is_trainable=True)
-                else:
-                    peft_model.add_adapter(critic_name, _lora_config_for_causal_lm(
-                        critic_peft_config or peft_model.peft_config[name], "critic_peft_config"))
-
-        model = cls(peft_model, policy_names, reward_adapter_name=reward_adapter_name if reward_adapter else None,
-                    reward_head=reward_head, value_head_dropout=value_head_dropout, is_trainable=is_trainable,
-                    active_adapter=saved["active_adapter"] if saved else None, critic_adapter_names=critic_names)
-        if critic_init == "reward_adapter" and not saved:
-            for name in policy_names:
-                copy_reward_head_into(model.v_heads[name], reward_head)
-        if saved:
-            from safetensors.torch import load_file
-
-            heads = load_file(str(Path(source) / VALUE_HEADS_FILE), device=str(model.device))
-            model.v_heads.load_state_dict(heads, strict=True)
-        return model.eval()
-
-
-def _check_critic_choice(critic, critic_peft_config, critic_init, reward_adapter) -> None:
-    if critic not in CRITICS:
-        raise MarlInputError(f"critic={critic!r} is unknown; use 'head' (value head on the policy's hidden state) or "
-                             "'adapter' (a critic LoRA adapter of its own on the same base)")
-    if critic_init not in CRITIC_INITS:
-        raise MarlInputError(f"critic_init={critic_init!r} is unknown; use None (a fresh critic adapter) or "
-                             "'reward_adapter' (start from a copy of the reward adapter)")
-    if critic == "head" and (critic_peft_config is not None or critic_init is not None):
-        raise MarlInputError("critic_peft_config and critic_init need critic='adapter'")
-    if critic_init == "reward_adapter" and reward_adapter is None:
-        raise MarlInputError("critic_init='reward_adapter' copies the reward adapter: pass reward_adapter= too")
-    if critic_init == "reward_adapter" and critic_peft_config is not None:
-        raise MarlInputError("critic_init='reward_adapter' takes the reward adapter's LoRA config; drop "
-                             "critic_peft_config")
-
-
-def _read_saved_model(source):
-    """The json written by `save_pretrained`, or None for a base model; an adapter folder is refused."""
-    folder = Path(source).expanduser()
-    if (folder / MODEL_FILE).exists():
-        info = json.loads((folder / MODEL_FILE).read_text())
-        if not (folder / VALUE_HEADS_FILE).exists():
-            raise MarlInputError(f"{folder} has {MODEL_FILE} but no {VALUE_HEADS_FILE}; the save was incomplete")
-        return info
-    if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
-        raise MarlInputError(f"{folder} is a peft adapter, not a model: pass the base model it was trained on as the "
-                             "first argument (and a stage-2 adapter as reward_adapter=)")
-    return None
-
-
-def _adapter_folder(folder: Path, name: str) -> Path:
-    return folder if name == "default" else folder / name  # peft's save layout

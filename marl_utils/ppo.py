@@ -25,34 +25,22 @@ HF gradient checkpointing off (forward_modes.py).
 from __future__ import annotations
 
 import contextlib
-import copy
-import os
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import MarlInputError
 from .forward_modes import eval_mode, train_mode_without_dropout
+from .ppo_accelerator import build_accelerator, has_accelerator  # noqa: F401 - has_accelerator: public here too
 from .ppo_config import PPOConfig
 from .ppo_core import (AdaptiveKLController, FixedKLController, RunningMoments, build_rollout_batch, compute_gae,
-                       compute_rewards, cut_after_eos, distinct_n, global_masked_moments, kl_penalty, left_pad,
-                       masked_mean, masked_whiten, policy_loss, value_loss)
-from .ppo_inputs import check_context, check_step_inputs, check_token_lists, generation_kwargs
-from .precision import resolve_mixed_precision, warn_if_slow
-from .rollout import (can_fuse, fused_rollout, policy_forward, reference_forward, response_view,
-                      separate_rollout)
-
-
-def has_accelerator() -> bool:
-    """A GPU-like device torch can train on (CUDA, XPU, MPS); checked without `torch.accelerator` (torch >= 2.6)."""
-    if torch.cuda.is_available():
-        return True
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        return True
-    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+                       compute_rewards, cut_after_eos, distinct_n, global_masked_moments, left_pad, masked_mean,
+                       masked_whiten, policy_loss, value_loss)
+from .ppo_eval import evaluate_policy
+from .ppo_inputs import check_context, check_step_inputs, check_token_lists, check_trainer_inputs, generation_kwargs
+from .ppo_optimizer import UpdateStepper
+from .rollout import can_fuse, fused_rollout, policy_forward, separate_rollout
 
 
 class PPOTrainer:
@@ -77,46 +65,12 @@ class PPOTrainer:
 
     def __init__(self, config: PPOConfig, model, tokenizer, dataset=None, data_collator=None, optimizer=None,
                  ref_model=None):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedType, set_seed
+        from accelerate.utils import set_seed
 
-        if not isinstance(config, PPOConfig):
-            raise MarlInputError(f"config must be a marl_utils.PPOConfig, got {type(config).__name__}")
-        if tokenizer.pad_token_id is None:
-            raise MarlInputError("the tokenizer has no pad token: set one before building the trainer, e.g. "
-                                 "tokenizer.pad_token = tokenizer.eos_token (safe: masks are built from lengths)")
-        if tokenizer.eos_token_id is None:
-            warnings.warn("the tokenizer has no eos token: responses always run to max_new_tokens")
-        for method in ("compute_reward_score", "trainable_parameters", "reference"):
-            if not hasattr(model, method):
-                raise MarlInputError(f"model must be a marl_utils.AutoModelForCausalLMWithValueHead (it lacks "
-                                     f"{method}); got {type(model).__name__}")
+        check_trainer_inputs(config, model, tokenizer)
         self.config, self.tokenizer, self.ref_model = config, tokenizer, ref_model
         self.pad_token_id, self.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        # Accelerate only runs several CPU processes (gloo) when told cpu=True; torchrun alone would give
-        # independent, unsynchronised copies on a machine without an accelerator.
-        cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator()
-        use_cuda = torch.cuda.is_available() and not cpu_processes
-        mixed = resolve_mixed_precision(config.mixed_precision, use_cuda=use_cuda)
-        # No gradient-accumulation plugin: Accelerate keeps accumulation state in one object shared by every
-        # Accelerator of the process, so two trainers (notebook 05) would rescale each other's gradients.
-        # The trainer accumulates itself (`_ppo_epochs`).
-        try:
-            self.accelerator = Accelerator(log_with=config.log_with, project_dir=config.logging_dir, cpu=cpu_processes,
-                                           **({} if mixed is None else {"mixed_precision": mixed}))
-        except ValueError as err:
-            if "already been initialized" not in str(err):
-                raise
-            raise MarlInputError(f"another PPOTrainer (or Accelerator) in this process runs with other precision or "
-                                 f"device settings ({err}); one process uses one setting: give this trainer the same "
-                                 "PPOConfig.mixed_precision, or restart the kernel") from None
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # model and optimizer are prepared apart (the model also serves generate, reference and reward), so
-            # there is no DeepSpeed engine, and backward() would fail after the first rollout
-            raise MarlInputError("PPOTrainer runs data-parallel (DDP), not under DeepSpeed: launch it without a "
-                                 "DeepSpeed config (`accelerate config`: multi-GPU, DeepSpeed no). With LoRA on a "
-                                 "frozen base the state ZeRO-2 would shard is only the adapter, value head and Adam")
-        warn_if_slow(self.accelerator.mixed_precision, self.accelerator.device.type == "cuda")
+        self.accelerator = build_accelerator(config)  # processes, device, precision (ppo_accelerator.py)
         set_seed(config.seed + self.accelerator.process_index)  # each process samples its own rollouts
         self.prompt_generator = torch.Generator().manual_seed(config.seed)  # the same on every process
 
@@ -134,8 +88,8 @@ class PPOTrainer:
         placed = bool(getattr(base, "hf_device_map", None)) or getattr(base, "hf_quantizer", None) is not None
         # the prepared model is DDP-wrapped under several processes; it is only used for training forwards
         self.policy = self.accelerator.prepare_model(model, device_placement=not placed)
-        # A plain optimizer: Accelerate's wrapper skips steps according to the shared accumulation state.
-        self.optimizer = optimizer
+        self.optimizer = optimizer  # a plain torch optimizer, stepped by UpdateStepper (ppo_optimizer.py)
+        self.stepper = UpdateStepper(self.accelerator, optimizer, model.trainable_parameters, config.max_grad_norm)
         if ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         self.fuse_rollout = self._choose_fused_rollout()
@@ -289,7 +243,7 @@ class PPOTrainer:
     def _step_on_rollout(self, batch, rollout, raw_scores, responses, t_start) -> dict:
         cfg, accelerator = self.config, self.accelerator
         mask = rollout.mask
-        state_before = self._trainable_state()  # a failed step puts it back: no half-applied update
+        state_before = self.stepper.snapshot(self.score_moments.state_dict())  # put back if the step fails
         scores, stats = self.shape_scores(responses, raw_scores)
         # 2. per-token rewards; 3. advantages (whitened with the moments of all processes' tokens)
         kl_coef = self.kl_ctl.value
@@ -304,7 +258,7 @@ class PPOTrainer:
         try:
             epoch_stats, first_approxkl, epochs_run = self._ppo_epochs(batch, rollout, advantages, returns)
         except FloatingPointError:
-            self._restore_trainable_state(state_before)
+            self.score_moments.load_state_dict(self.stepper.restore(state_before))
             raise
         t_optimize = time.perf_counter()
 
@@ -369,18 +323,18 @@ class PPOTrainer:
                             vf_loss, vf_stats = value_loss(new_values, rollout.values[rows], returns[rows], m,
                                                            cfg.cliprange_value)
                             loss = pg_loss + cfg.vf_coef * vf_loss
-                            self._check_finite(loss)
+                            self.stepper.check_finite(loss)
                             # Token-weighted: the group's minibatches, over all processes, sum to the masked mean
                             # over the group's tokens, exactly what one big minibatch would give (DDP divides the
                             # summed gradients by the number of processes, hence the factor).
                             weight = m.sum() / group_tokens * accelerator.num_processes
-                            self._backward(loss * weight)
+                            self.stepper.backward(loss * weight)
                         if first_approxkl is None:
                             first_approxkl = pg_stats["approxkl"].item()
                         per_epoch.append(torch.stack([
                             pg_loss.detach(), vf_loss.detach(), loss.detach(), pg_stats["approxkl"],
                             pg_stats["clipfrac"], vf_stats["clipfrac"], pg_stats["ratio_mean"]]).float())
-                    self._optimizer_step()
+                    self.stepper.step()
                 epoch_stats += per_epoch
                 epochs_run = epoch + 1
                 if cfg.early_stopping:
@@ -389,47 +343,6 @@ class PPOTrainer:
                     if epoch_kl > cfg.target_kl_early_stop:
                         break
         return epoch_stats, first_approxkl, epochs_run
-
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        """Stop before a non-finite loss reaches the weights (decided on every process together under DDP)."""
-        bad = (~torch.isfinite(loss.detach())).float()
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, "sum")
-        if bad.item() > 0:
-            raise FloatingPointError("the PPO loss is not finite; no update of this step was kept (the adapter, "
-                                     "value head and optimizer are as before the step). Lower learning_rate or set "
-                                     "max_grad_norm / score_clip")
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        scaler = self.accelerator.scaler  # fp16 only: scale the loss so small gradients survive in half precision
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-
-    def _optimizer_step(self) -> None:
-        scaler = self.accelerator.scaler
-        if scaler is not None:
-            scaler.unscale_(self.optimizer)
-        if self.config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.config.max_grad_norm)
-        if scaler is not None:
-            scaler.step(self.optimizer)
-            scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _trainable_state(self) -> dict:
-        """Copies of what a step changes: trainable weights, optimizer state, score statistics."""
-        return {"params": [p.detach().clone() for p in self.model.trainable_parameters()],
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                "score_moments": self.score_moments.state_dict()}
-
-    def _restore_trainable_state(self, state: dict) -> None:
-        with torch.no_grad():
-            for param, saved in zip(self.model.trainable_parameters(), state["params"]):
-                param.copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.score_moments.load_state_dict(state["score_moments"])
 
     def _reduce(self, stats: dict) -> dict:
         """Average the statistics over processes (a no-op in a single process)."""
@@ -553,40 +466,9 @@ class PPOTrainer:
         check_token_lists(prompts, "prompts")
         return prompts
 
-    @torch.no_grad()
     def evaluate(self, prompts, seed: int | None = None, num_samples: int = 8) -> dict:
-        """Sample once per held-out prompt with a fixed seed; mean reward, KL, length and diversity.
-
-        The seed (default config.seed) fixes the sampling noise, so before/after numbers are comparable;
-        the trainer's own RNG streams are left untouched. KL is in nats per sequence (config.kl_estimator).
-        """
-        cfg = self.config
-        prompts = self._training_prompts(prompts)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(cfg.seed if seed is None else seed)
-            responses = self.generate(prompts, batch_size=cfg.generation_batch_size or cfg.batch_size)
-        scores = self.score(prompts, responses)
-        kls = []
-        with train_mode_without_dropout(self.model), self.accelerator.autocast():
-            for start in range(0, len(prompts), cfg.mini_batch_size):
-                chunk = slice(start, start + cfg.mini_batch_size)
-                batch = build_rollout_batch(prompts[chunk], responses[chunk], self.pad_token_id, device=self.device)
-                rows = torch.arange(batch["input_ids"].shape[0], device=self.device)
-                logprobs, _, _ = policy_forward(self.model, batch, rows, cfg.temperature, with_values=False)
-                ref_logprobs = reference_forward(self.model, batch, rows, cfg.temperature, self.ref_model)
-                _, mask, _ = response_view(batch)
-                kl = torch.where(mask.bool(), kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator), 0.0)
-                kls.append(kl.sum(-1))
-        lengths = torch.tensor([float(len(r)) for r in responses])
-        return {
-            "reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-            "kl_mean": torch.cat(kls).mean().item(), "response_tokens_mean": lengths.mean().item(),
-            "distinct_2": distinct_n(responses, 2),
-            "eos_frac": float(sum(self.eos_token_id is not None and int(r[-1]) == self.eos_token_id
-                                  for r in responses) / len(responses)),
-            "samples": [{"prompt": decode_text(self.tokenizer, p), "response": decode_text(self.tokenizer, r),
-                         "score": float(s)} for p, r, s in zip(prompts[:num_samples], responses, scores.tolist())],
-        }
+        """Sample once per held-out prompt with a fixed seed: mean reward, KL, length, diversity (ppo_eval.py)."""
+        return evaluate_policy(self, prompts, seed=seed, num_samples=num_samples)
 
     def save_checkpoint(self, checkpoints_dir):
         """Write a checkpoint to checkpoints_dir/step-NNNNNN and point checkpoints_dir/latest at it."""
@@ -599,12 +481,6 @@ class PPOTrainer:
         from .checkpoint import load_checkpoint
 
         return load_checkpoint(self, path)
-
-
-def decode_text(tokenizer, ids) -> str:
-    """Decoded tokens without a broken character at the end: a sampled response may stop inside a multi-byte
-    UTF-8 character (a byte-level BPE token is part of one), which decodes to U+FFFD; that tail is dropped."""
-    return tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
 
 def _collate_dicts(rows):

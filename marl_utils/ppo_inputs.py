@@ -18,6 +18,23 @@ BIASED_SAMPLING = {"top_k": (0, None), "top_p": (1.0, None), "min_length": (0, N
                    "repetition_penalty": (1.0, None), "no_repeat_ngram_size": (0, None), "typical_p": (1.0, None)}
 
 
+def check_trainer_inputs(config, model, tokenizer) -> None:
+    """What PPOTrainer needs before it builds anything: our config, a tokenizer with a pad token, our model."""
+    from .ppo_config import PPOConfig
+
+    if not isinstance(config, PPOConfig):
+        raise MarlInputError(f"config must be a marl_utils.PPOConfig, got {type(config).__name__}")
+    if tokenizer.pad_token_id is None:
+        raise MarlInputError("the tokenizer has no pad token: set one before building the trainer, e.g. "
+                             "tokenizer.pad_token = tokenizer.eos_token (safe: masks are built from lengths)")
+    if tokenizer.eos_token_id is None:
+        warnings.warn("the tokenizer has no eos token: responses always run to max_new_tokens", stacklevel=3)
+    for method in ("compute_reward_score", "trainable_parameters", "reference"):
+        if not hasattr(model, method):
+            raise MarlInputError(f"model must be a marl_utils.AutoModelForCausalLMWithValueHead (it lacks "
+                                 f"{method}); got {type(model).__name__}")
+
+
 def generation_kwargs(config, gen_kwargs: dict, pad_token_id: int, eos_token_id: int) -> dict:
     """Plain sampling at the config's temperature, with the caller's overrides (warned about when biased)."""
     biased = {k: v for k, v in gen_kwargs.items() if k in BIASED_SAMPLING and v not in BIASED_SAMPLING[k]}

@@ -1,0 +1,54 @@
+"""The Accelerator a PPOTrainer runs on: processes, device and precision, set up once (notebook 03, README).
+
+Three decisions live here. Several processes on a CPU-only machine (torchrun with gloo) need `cpu=True`,
+or each process would train an unsynchronised copy. The precision comes from `PPOConfig.mixed_precision`
+(precision.py), and a process holds one: Accelerate keeps it in process-wide state. And no gradient-
+accumulation plugin: Accelerate keeps accumulation state in ONE object shared by every Accelerator of the
+process, so two trainers with different settings (notebook 05) would rescale each other's gradients; the
+trainer accumulates itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import MarlInputError
+from .precision import resolve_mixed_precision, warn_if_slow
+
+
+def has_accelerator() -> bool:
+    """A GPU-like device torch can train on (CUDA, XPU, MPS); checked without `torch.accelerator` (torch >= 2.6)."""
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return True
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def build_accelerator(config):
+    """An `accelerate.Accelerator` for `config` (a PPOConfig), or a clear error for what PPOTrainer cannot run."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator()
+    mixed = resolve_mixed_precision(config.mixed_precision, use_cuda=torch.cuda.is_available() and not cpu_processes)
+    try:
+        accelerator = Accelerator(log_with=config.log_with, project_dir=config.logging_dir, cpu=cpu_processes,
+                                  **({} if mixed is None else {"mixed_precision": mixed}))
+    except ValueError as err:
+        if "already been initialized" not in str(err):
+            raise
+        raise MarlInputError(f"another PPOTrainer (or Accelerator) in this process runs with other precision or "
+                             f"device settings ({err}); one process uses one setting: give this trainer the same "
+                             "PPOConfig.mixed_precision, or restart the kernel") from None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # model and optimizer are prepared apart (the model also serves generate, reference and reward), so
+        # there is no DeepSpeed engine, and backward() would fail after the first rollout
+        raise MarlInputError("PPOTrainer runs data-parallel (DDP), not under DeepSpeed: launch it without a "
+                             "DeepSpeed config (`accelerate config`: multi-GPU, DeepSpeed no). With LoRA on a "
+                             "frozen base the state ZeRO-2 would shard is only the adapter, value head and Adam")
+    warn_if_slow(accelerator.mixed_precision, accelerator.device.type == "cuda")
+    return accelerator

@@ -1,0 +1,50 @@
+"""Held-out evaluation of a PPO policy: reward, KL to the reference, length, diversity, samples (notebook 03).
+
+The same prompts and the same sampling seed before and after training make the two numbers comparable; the
+trainer's own RNG streams are left untouched, so evaluating does not change the training run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .forward_modes import train_mode_without_dropout
+from .ppo_core import build_rollout_batch, distinct_n, kl_penalty
+from .rollout import policy_forward, reference_forward, response_view
+
+
+def decode_text(tokenizer, ids) -> str:
+    """Decoded tokens without a broken character at the end: a sampled response may stop inside a multi-byte
+    UTF-8 character (a byte-level BPE token is part of one), which decodes to U+FFFD; that tail is dropped."""
+    return tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+
+
+@torch.no_grad()
+def evaluate_policy(trainer, prompts, seed: int | None = None, num_samples: int = 8) -> dict:
+    """Sample once per prompt with `seed` (default config.seed); KL in nats per sequence (config.kl_estimator)."""
+    cfg = trainer.config
+    prompts = trainer._training_prompts(prompts)
+    with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed if seed is None else seed)
+        responses = trainer.generate(prompts, batch_size=cfg.generation_batch_size or cfg.batch_size)
+    scores = trainer.score(prompts, responses)
+    kls = []
+    with train_mode_without_dropout(trainer.model), trainer.accelerator.autocast():
+        for start in range(0, len(prompts), cfg.mini_batch_size):
+            chunk = slice(start, start + cfg.mini_batch_size)
+            batch = build_rollout_batch(prompts[chunk], responses[chunk], trainer.pad_token_id, device=trainer.device)
+            rows = torch.arange(batch["input_ids"].shape[0], device=trainer.device)
+            logprobs, _, _ = policy_forward(trainer.model, batch, rows, cfg.temperature, with_values=False)
+            ref_logprobs = reference_forward(trainer.model, batch, rows, cfg.temperature, trainer.ref_model)
+            _, mask, _ = response_view(batch)
+            kls.append(torch.where(mask.bool(), kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator), 0.0).sum(-1))
+    lengths = torch.tensor([float(len(r)) for r in responses])
+    eos = trainer.eos_token_id
+    return {
+        "reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+        "kl_mean": torch.cat(kls).mean().item(), "response_tokens_mean": lengths.mean().item(),
+        "distinct_2": distinct_n(responses, 2),
+        "eos_frac": float(sum(eos is not None and int(r[-1]) == eos for r in responses) / len(responses)),
+        "samples": [{"prompt": decode_text(trainer.tokenizer, p), "response": decode_text(trainer.tokenizer, r),
+                     "score": float(s)} for p, r, s in zip(prompts[:num_samples], responses, scores.tolist())],
+    }
