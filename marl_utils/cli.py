@@ -6,6 +6,7 @@
     marl run     [--profile P] [--dataset SRC] [--output-dir OUT]   all three + plots + summary.json
                  [--algo ppo|grpo|rloo]                             stage 3 with PPO, or TRL's GRPO / RLOO trainer
     marl grpo    [--algo grpo|rloo] [--profile P] [--output-dir OUT]  stage 3 with TRL's trainer -> OUT/grpo/ (rloo/)
+                 (each also takes --base-model NAME_OR_DIR: any causal LM instead of the profile's base)
     marl bench   [--profile P] [--base-size tiny|mid|large|gpt2] [--precision fp32|bf16] [--device cpu|cuda]
                  [--steps 5] [--time-budget S] [--timing-only] [--profile-step] [--output-dir OUT]
 
@@ -28,6 +29,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="offline | a Hub id (stanfordnlp/imdb) | a .parquet/.csv/.tsv/.jsonl file or folder "
                              "with text,label columns")
     parser.add_argument("--output-dir", default=None, help="run folder (default: runs/<profile>)")
+    parser.add_argument("--base-model", default=None, metavar="NAME_OR_DIR",
+                        help="start from this causal LM (a local folder or a Hub id) instead of the profile's base; "
+                             "the profile's sizes stay")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="retrain this stage even if its folder exists")
 
@@ -79,6 +83,10 @@ def run_command(args) -> int:
                   memory=not args.timing_only, profile_step=args.profile_step)
         return 0
     profile = resolve_profile(args.profile)
+    if args.base_model:
+        from .profiles import with_base_model
+
+        profile = with_base_model(profile, args.base_model)
     if args.command == "sft":
         from .sft import train_sft
 

@@ -3,6 +3,8 @@
 `load_imdb` returns a `DatasetDict` with "train" and "test" splits and exactly two columns, `text`
 (str, IMDB's `<br />` markup removed) and `label` (int, 1 positive, 0 negative), whatever the
 source: the shipped offline corpus, a Hub id such as `stanfordnlp/imdb`, or a local file or folder.
+Both splits come back in a seeded random order: `stanfordnlp/imdb` stores each split sorted by label
+(12,500 negative reviews, then 12,500 positive), so `select(range(n))` on it would see one label only.
 Every check on the user's data runs here, before any model is loaded, and fails with a
 `MarlInputError` that says what is wrong and how to fix it.
 """
@@ -38,10 +40,11 @@ def load_imdb(source: str | Path | None = None, *, seed: int = 0, test_fraction:
       if that folder is missing);
     - a Hub id ("owner/name", e.g. "stanfordnlp/imdb"): its train and test splits (others dropped);
     - a local .parquet/.csv/.tsv/.jsonl/.json file: split into train/test, stratified by label, with
-      `test_fraction` of each label in test, chosen by `seed` (rows keep their file order);
+      `test_fraction` of each label in test, chosen by `seed`;
     - a local folder with train.<ext> and test.<ext> (or the Hub's `*/train-*.parquet` shards), or
       with exactly one data file, which is split as above.
-    Labels may be 0/1, booleans or "pos"/"neg"/"positive"/"negative".
+    Labels may be 0/1, booleans or "pos"/"neg"/"positive"/"negative". Whatever the source, the rows
+    of each split are shuffled with `seed`, so any `select(range(n))` sees both labels.
     """
     if not 0.0 < test_fraction < 1.0:
         raise MarlInputError(f"test_fraction={test_fraction} must be between 0 and 1 (exclusive); "
@@ -62,7 +65,7 @@ def load_imdb(source: str | Path | None = None, *, seed: int = 0, test_fraction:
             raise MarlInputError(
                 f"dataset {str(source)!r} does not exist: pass an existing file or folder "
                 f"({', '.join(SUPPORTED_EXTENSIONS)}), a Hub id like 'stanfordnlp/imdb', or 'offline'")
-    return _to_dataset_dict(frames, name)
+    return _to_dataset_dict(frames, name, seed)
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -215,12 +218,21 @@ def _hub_frames(repo_id: str, seed: int, test_fraction: float) -> dict:
     return {split: _normalise(loaded[split].to_pandas(), f"{repo_id} ({split})") for split in ("train", "test")}
 
 
-def _to_dataset_dict(frames: dict, name: str):
+def _shuffled(df, rng: random.Random):
+    order = list(range(len(df)))
+    rng.shuffle(order)
+    return df.iloc[order].reset_index(drop=True)
+
+
+def _to_dataset_dict(frames: dict, name: str, seed: int):
     import datasets
 
     _check_both_labels(frames["train"], f"{name} (train)")
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")})
+    # One seeded order for every source: the Hub's imdb (and many user files) are sorted by label, and every
+    # stage takes the first n rows (SFT's train and eval slices, notebook 02's histogram, PPO's prompts).
+    rng = random.Random(seed)
     return datasets.DatasetDict({
-        split: datasets.Dataset.from_pandas(frames[split], features=features, preserve_index=False)
+        split: datasets.Dataset.from_pandas(_shuffled(frames[split], rng), features=features, preserve_index=False)
         for split in ("train", "test")
     })

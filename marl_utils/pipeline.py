@@ -8,7 +8,6 @@ the PPO loop on review prompts and save the policy to `OUT/ppo/`.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,9 @@ def ppo_config(profile: Profile, seed: int = 0, steps: int | None = None):
         target_kl=profile.ppo_target_kl,
         horizon=profile.ppo_kl_horizon,
         max_new_tokens=profile.ppo_max_new_tokens,
-        min_response_tokens=math.ceil(0.75 * profile.ppo_max_new_tokens),  # the anti-collapse guard (PPOConfig)
+        # the anti-collapse guard (PPOConfig); capped so that a test may shrink ppo_max_new_tokens alone
+        min_response_tokens=min(profile.ppo_min_response_tokens, profile.ppo_max_new_tokens),
+        value_head_learning_rate=profile.ppo_value_head_learning_rate,
         save_every=profile.ppo_save_every,
     )
 
@@ -162,6 +163,7 @@ def train_ppo(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0,
         "samples_after": after.get("samples", [])[:8],
         "history": trainer.history,
     }
+    metrics["learning_note"] = ppo_learning_note(profile, metrics, read_metrics(stage_dir(out, "reward_adapter")))
     if trainer.accelerator.is_main_process:  # under torchrun every process gets here; two writers would collide
         with atomic_dir(final) as tmp:
             trainer.model.save_pretrained(tmp)
@@ -170,8 +172,27 @@ def train_ppo(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0,
         print(f"stage 3 (PPO) done in {metrics['seconds']:.0f}s: eval reward {metrics['eval_reward_before']:.2f} -> "
               f"{metrics['eval_reward_after']:.2f}, KL {metrics['kl_final']:.2f} nats, "
               f"{metrics['response_tokens_mean']:.1f} tokens/response -> {final}")
+        if metrics["learning_note"]:
+            print(f"NOTE: {metrics['learning_note']}")
     trainer.accelerator.wait_for_everyone()
     return PPOResult(final, metrics, trainer.history)
+
+
+def ppo_learning_note(profile: Profile, metrics: dict, reward_metrics: dict) -> str | None:
+    """A sentence saying that PPO learned (almost) nothing, with the likely cause and the fix; None if it learned."""
+    gain = metrics["eval_reward_after"] - metrics["eval_reward_before"]
+    if gain >= profile.ppo_no_learning_gain:
+        return None
+    accuracy = reward_metrics.get("eval_accuracy")
+    weak_judge = accuracy is not None and accuracy < profile.reward_min_accuracy
+    cause = (f"the reward adapter tells reviews apart poorly (held-out pair accuracy {accuracy:.2f}, the profile's bar "
+             f"is {profile.reward_min_accuracy:g}), so its scores give the policy little to climb" if weak_judge else
+             f"{metrics['steps']} steps at learning rate {profile.ppo_learning_rate:g} were too few or too small")
+    fix = ("make stage 2 better first (more labelled reviews, a larger reward_pair_budget, or a pretrained base "
+           "with --base-model)" if weak_judge else "more steps (--steps) or a larger ppo_learning_rate")
+    return (f"PPO learned almost nothing: eval reward {metrics['eval_reward_before']:+.2f} -> "
+            f"{metrics['eval_reward_after']:+.2f} (gain {gain:+.2f}, the profile expects at least "
+            f"{profile.ppo_no_learning_gain:g}). Likely cause: {cause}. Fix: {fix}.")
 
 
 def run_ppo_stage(profile, output_dir=None, dataset=None, **kwargs):
@@ -218,13 +239,17 @@ def run_pipeline(profile: Profile, output_dir=None, dataset=None, *, seed: int =
 
         ppo = train_grpo(profile, out, dataset, algo=algo, seed=seed, force=force, steps=steps, progress=progress)
     save_plots(out, sft.metrics, reward.metrics, ppo.metrics)
+    notes = [m["learning_note"] for m in (sft.metrics, reward.metrics, ppo.metrics) if m.get("learning_note")]
     summary = {
         "profile": profile.name,
+        "base_model": profile.base_model,
         "seed": seed,
         "algo": algo,
+        "learned": not notes,
+        "notes": notes,  # one sentence per stage that learned almost nothing: the likely cause and the fix
         "stages": {
-            "sft": {k: sft.metrics.get(k) for k in ["seconds", "eval_perplexity"]},
-            "reward": {k: reward.metrics.get(k) for k in ["seconds", "eval_accuracy", "untrained_accuracy",
+            "sft": {k: sft.metrics.get(k) for k in ["seconds", "eval_perplexity", "eval_perplexity_before", "epochs"]},
+            "reward": {k: reward.metrics.get(k) for k in ["seconds", "epochs", "eval_accuracy", "untrained_accuracy",
                                                           "eval_prefix_accuracy", "untrained_prefix_accuracy"]},
             algo: {k: ppo.metrics.get(k) for k in ["seconds", "steps", "max_new_tokens", "eval_reward_before",
                                                     "eval_reward_after", "kl_final", "response_tokens_mean",
@@ -233,4 +258,6 @@ def run_pipeline(profile: Profile, output_dir=None, dataset=None, *, seed: int =
     }
     atomic_write_json(out / "summary.json", summary)
     print(json.dumps(summary, indent=2))
+    for note in notes:  # again after the long JSON, where the eye lands at the end of a run
+        print(f"NOTE: {note}")
     return summary

@@ -52,6 +52,11 @@ def prepare_run_dir(out_dir: str | os.PathLike | None, profile: Profile) -> Path
                 f"output folder {out} holds artifacts of profile {info.get('profile')!r}, not {profile.name!r}; "
                 "use another --output-dir (stages of different profiles must not be mixed)"
             )
+        if info.get("base_model", profile.base_model) != profile.base_model:  # older run.json files lack it
+            raise MarlInputError(
+                f"output folder {out} holds stages trained from base model {info['base_model']!r}, not "
+                f"{profile.base_model!r}; use another --output-dir for --base-model {profile.base_model}"
+            )
     else:
         has_stages = out.exists() and any((out / s).exists() for s in ("sft", "reward_adapter", "ppo"))
         if has_stages:

@@ -2,17 +2,35 @@
 
 PPO only polishes a policy that already speaks the domain. SFT teaches the base to write movie
 reviews; it is the model that stage 2 turns into a reward model and stage 3 into a policy.
+
+The stage is three steps, so that notebook 01 can build the `SFTTrainer` in a cell of its own:
+
+    inputs = prepare_sft(profile, OUT)                       # data, base model, metrics before training
+    args = sft_config(profile, inputs.work_dir, epochs=inputs.epochs)
+    trainer = SFTTrainer(model=inputs.model, args=args, train_dataset=inputs.train_dataset,
+                         processing_class=inputs.tokenizer)
+    one_progress_bar(trainer)
+    trainer.train()
+    result = finish_sft(inputs, trainer)                     # evaluate, sample, save OUT/sft/ atomically
+
+`train_sft` is exactly these steps in one call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import tempfile
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
 
 from .atomic import atomic_dir
 from .errors import MarlInputError
@@ -31,10 +49,120 @@ class SFTResult:
     log_history: list = field(default_factory=list)
 
 
+@dataclass
+class SFTInputs:
+    """What `prepare_sft` sets up: the trainer's inputs, and what `finish_sft` needs after training."""
+
+    profile: Profile
+    out: Path
+    model: Any
+    """The base as a causal LM, float32, on the training device, pad token set."""
+    tokenizer: Any
+    train_dataset: Any
+    """A `datasets.Dataset` with one column, `text` (SFTTrainer adds EOS and tokenizes)."""
+    eval_texts: list
+    """Held-out reviews; perplexity before and after training is measured on exactly these."""
+    epochs: float
+    """Passes over `train_dataset`, from the profile's token budget (see `sft_epochs`)."""
+    before: dict
+    """Metrics of the untrained model and the data: eval_perplexity_before, samples_before, train_tokens, ..."""
+    work_dir: str
+    """The trainer's scratch folder (deleted by `finish_sft`)."""
+    seed: int = 0
+    start: float = 0.0
+
+
 def has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def training_device():
+    """Where stages 1-2 train: the GPU if there is one (the Trainer would move the model there anyway)."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def quiet_trainer_setup():
+    """Silence what building a TRL trainer prints that the learner did not cause and cannot act on.
+
+    - the datasets progress bars of SFTTrainer's preprocessing ("Adding EOS", "Tokenizing", ...);
+    - transformers' info/warning log lines while loading (per-key load reports);
+    - one FutureWarning: peft reads the deprecated `model.is_gradient_checkpointing` property when it wraps
+      a model in an adapter (RewardTrainer's `peft_config=`, `PeftModel.from_pretrained`). Our own configs use
+      the new name (`activation_checkpointing`), so the other deprecation message never appears;
+    - peft's notice that GPT-2's fused `Conv1D` layers need `fan_in_fan_out=True` (peft sets it itself).
+    Everything is restored on exit.
+    """
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False but the target module is "
+                                    r"`Conv1D`", category=UserWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+class LossProgressBar(TrainerCallback):
+    """One tqdm bar over the optimizer steps, the last logged loss as its postfix (see `one_progress_bar`)."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
+
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, desc=self.desc, dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def one_progress_bar(trainer, enabled: bool = True, desc: str | None = None):
+    """Replace the Trainer's log printing (a dict per logging step, or a table in Jupyter) by one progress bar.
+
+    The bar shows the latest loss; every logged row still lands in `trainer.state.log_history` for the plots.
+    `enabled=False` shows nothing at all. Returns the trainer.
+    """
+    from transformers import PrinterCallback, ProgressCallback
+
+    printers = (PrinterCallback, ProgressCallback)
+    try:
+        from transformers.utils.notebook import NotebookProgressCallback
+
+        printers += (NotebookProgressCallback,)
+    except ImportError:  # that callback needs IPython
+        pass
+    for callback in [c for c in trainer.callback_handler.callbacks if isinstance(c, printers)]:
+        trainer.remove_callback(callback)
+    if enabled:
+        trainer.add_callback(LossProgressBar(desc or type(trainer).__name__.removesuffix("Trainer")))
+    return trainer
 
 
 def ensure_base(profile: Profile, out: Path, train_texts) -> str:
@@ -110,15 +238,32 @@ def sample_texts(model, tokenizer, prompts=SAMPLE_PROMPTS, *, max_new_tokens: in
     return out
 
 
-def sft_config(profile: Profile, work_dir: str, seed: int = 0):
-    """TRL's SFTConfig with its defaults overridden where they are wrong for this tutorial."""
+def count_tokens(tokenizer, texts, max_length: int) -> int:
+    """Tokens SFT trains on in one epoch: each text plus EOS, cut at `max_length` (as SFTTrainer does)."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return sum(min(len(x) + 1, max_length) for x in ids)
+
+
+def sft_epochs(profile: Profile, train_tokens: int) -> float:
+    """Epochs from the token budget: `sft_token_budget / train_tokens`, at least `sft_epochs` (the shipped
+    corpus: one), at most `sft_max_epochs`. A small dataset is read several times; without a budget, `sft_epochs`."""
+    if not profile.sft_token_budget or train_tokens <= 0:
+        return float(profile.sft_epochs)
+    return float(min(max(profile.sft_token_budget / train_tokens, profile.sft_epochs), profile.sft_max_epochs))
+
+
+def sft_config(profile: Profile, work_dir: str, seed: int = 0, *, epochs: float | None = None):
+    """TRL's SFTConfig with its defaults overridden where they are wrong for this tutorial.
+
+    `epochs`: passes over the data (`prepare_sft` computes it from the token budget); default `sft_epochs`.
+    """
     from trl import SFTConfig
 
     cuda = has_cuda()
     return SFTConfig(
         output_dir=work_dir,
         max_length=profile.sft_max_length,
-        num_train_epochs=profile.sft_epochs,
+        num_train_epochs=profile.sft_epochs if epochs is None else epochs,
         max_steps=profile.sft_max_steps,
         per_device_train_batch_size=profile.sft_batch_size,
         learning_rate=profile.sft_learning_rate,  # TRL's 2e-5 is far too small for a model from scratch
@@ -127,9 +272,11 @@ def sft_config(profile: Profile, work_dir: str, seed: int = 0):
         weight_decay=0.0,
         bf16=False,  # TRL 1.16 turns bf16 on by default; CPUs and T4s want fp32 / fp16
         fp16=cuda,
-        gradient_checkpointing=False,  # TRL's default trades compute for memory we do not need to save
+        # TRL turns checkpointing on (compute for memory we do not need to save). The new name: the old one,
+        # gradient_checkpointing, makes transformers 5 print a FutureWarning.
+        activation_checkpointing=False,
         packing=False,
-        logging_steps=10,
+        logging_steps=10,  # rows of trainer.state.log_history for the loss plot; `one_progress_bar` keeps them off screen
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
@@ -140,80 +287,141 @@ def sft_config(profile: Profile, work_dir: str, seed: int = 0):
     )
 
 
-def train_sft(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0, force: bool = False,
-              progress: bool = True) -> SFTResult:
-    """Run stage 1 into `OUT/sft/` (reusing a finished one unless `force`), return its metrics.
+def finished_sft(output_dir, profile: Profile) -> SFTResult | None:
+    """The result of a finished stage 1 in the run folder, or None if it has not run yet."""
+    final = stage_dir(prepare_run_dir(output_dir, profile), "sft")
+    if not final.exists():
+        return None
+    metrics = read_metrics(final)
+    return SFTResult(final, metrics, metrics.get("log_history", []))
 
-    `dataset` is a `load_imdb` source (default: the profile's). Bad input is rejected before training.
+
+def prepare_sft(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0) -> SFTInputs:
+    """Step 1 of stage 1: load the data and the base, measure the untrained model, size the training.
+
+    `dataset` is a `load_imdb` source (default: the profile's). Bad input is rejected before any model loads.
     """
     import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     from .data import load_imdb
 
     out = prepare_run_dir(output_dir, profile)
-    final = stage_dir(out, "sft")
-    if final.exists() and not force:
-        print(f"stage 1 (SFT) already done: {final}")
-        return SFTResult(final, read_metrics(final), read_metrics(final).get("log_history", []))
-
     data = load_imdb(dataset or profile.dataset, seed=seed)
     train = data["train"]
     if profile.sft_max_train_examples:
         train = train.select(range(min(profile.sft_max_train_examples, len(train))))
+    test = data["test"].select(range(min(profile.sft_eval_examples, len(data["test"]))))
+    labels = {"train_label_counts": _label_counts(train["label"]), "eval_label_counts": _label_counts(test["label"])}
     train = train.remove_columns([c for c in train.column_names if c != "text"])
-    eval_texts = data["test"]["text"][: profile.sft_eval_examples]
+    eval_texts = test["text"]
 
     torch.manual_seed(seed)
     start = time.perf_counter()
     base = ensure_base(profile, out, data["train"]["text"])
     tokenizer = load_tokenizer(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with quiet_trainer_setup():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(training_device())  # the measurements below are thousands of forwards: not on the CPU if a GPU is there
 
-    samples_before = sample_texts(model, tokenizer, max_new_tokens=30, seed=seed)
-    ppl_before = perplexity(model, tokenizer, eval_texts[:64], max_length=profile.sft_max_length)
+    train_tokens = count_tokens(tokenizer, train["text"], profile.sft_max_length)
+    before = {
+        "samples_before": sample_texts(model, tokenizer, max_new_tokens=30, seed=seed),
+        "eval_perplexity_before": perplexity(model, tokenizer, eval_texts, max_length=profile.sft_max_length),
+        "train_tokens": train_tokens,
+        **labels,
+    }
+    return SFTInputs(profile=profile, out=out, model=model, tokenizer=tokenizer, train_dataset=train,
+                     eval_texts=eval_texts, epochs=sft_epochs(profile, train_tokens), before=before,
+                     work_dir=tempfile.mkdtemp(prefix="marl-sft-"), seed=seed, start=start)
 
-    from trl import SFTTrainer
 
-    work_dir = tempfile.mkdtemp(prefix="marl-sft-")
-    try:
-        args = sft_config(profile, work_dir, seed=seed)
-        args.disable_tqdm = not progress
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # keep the notebook readable: no per-key load reports
-        try:
-            trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        trainer.train()
-        log_history = [r for r in trainer.state.log_history if "loss" in r]
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-
+def finish_sft(inputs: SFTInputs, trainer) -> SFTResult:
+    """Step 3 of stage 1: evaluate the trained model, sample from it, save `OUT/sft/` atomically."""
+    shutil.rmtree(inputs.work_dir, ignore_errors=True)
+    profile, tokenizer = inputs.profile, inputs.tokenizer
     model = trainer.model
-    ppl = perplexity(model, tokenizer, eval_texts, max_length=profile.sft_max_length)
-    samples_after = sample_texts(model, tokenizer, max_new_tokens=30, seed=seed)
+    log_history = [r for r in trainer.state.log_history if "loss" in r]
+    ppl = perplexity(model, tokenizer, inputs.eval_texts, max_length=profile.sft_max_length)
     metrics = {
         "profile": profile.name,
         "base_model": profile.base_model,
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(time.perf_counter() - inputs.start, 2),
         "eval_perplexity": ppl,
-        "eval_perplexity_before": ppl_before,
-        "train_examples": len(train),
-        "eval_examples": len(eval_texts),
-        "samples_before": samples_before,
-        "samples_after": samples_after,
+        "eval_perplexity_before": inputs.before["eval_perplexity_before"],
+        "train_examples": len(inputs.train_dataset),
+        "train_tokens": inputs.before["train_tokens"],
+        "epochs": trainer.state.epoch if trainer.state.epoch is not None else inputs.epochs,
+        "eval_examples": len(inputs.eval_texts),
+        "train_label_counts": inputs.before["train_label_counts"],
+        "eval_label_counts": inputs.before["eval_label_counts"],
+        "samples_before": inputs.before["samples_before"],
+        "samples_after": sample_texts(model, tokenizer, max_new_tokens=30, seed=inputs.seed),
         "log_history": log_history,
     }
+    metrics["learning_note"] = sft_learning_note(profile, metrics)
+    final = stage_dir(inputs.out, "sft")
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"stage 1 (SFT) done in {metrics['seconds']:.0f}s: held-out perplexity {ppl:.2f} "
-          f"(before: {ppl_before:.0f}) -> {final}")
+          f"(before: {metrics['eval_perplexity_before']:.0f}), {metrics['epochs']:.1f} epochs over "
+          f"{metrics['train_tokens']:,} tokens -> {final}")
+    if metrics["learning_note"]:
+        print(f"NOTE: {metrics['learning_note']}")
     return SFTResult(final, metrics, log_history)
+
+
+def sft_learning_note(profile: Profile, metrics: dict) -> str | None:
+    """A sentence saying that SFT learned (almost) nothing, with the likely cause and the fix; None if it learned."""
+    before, after = metrics["eval_perplexity_before"], metrics["eval_perplexity"]
+    ratio = after / before if before > 0 else float("inf")
+    if ratio <= profile.sft_no_learning_ratio:
+        return None
+    from_scratch = profile.base_model == TINY_BASE
+    cause = (f"a base trained from scratch on {metrics['train_tokens']:,} tokens x {metrics['epochs']:.1f} epochs "
+             "sees too little text" if from_scratch else
+             f"{metrics['epochs']:.1f} epochs at learning rate {profile.sft_learning_rate:g} moved the pretrained base little")
+    return (f"SFT learned almost nothing: held-out perplexity {before:.1f} -> {after:.1f} ({ratio:.2f}x, the profile "
+            f"expects at most {profile.sft_no_learning_ratio:g}x). Likely cause: {cause}. Fix: more reviews, more "
+            "epochs (a larger sft_token_budget / sft_max_epochs)"
+            + (", or a pretrained base (--base-model gpt2, or a local model folder)" if from_scratch else
+               ", or a larger sft_learning_rate") + ".")
+
+
+def _label_counts(labels) -> dict:
+    counts = Counter(int(y) for y in labels)
+    return {"0": counts.get(0, 0), "1": counts.get(1, 0)}
+
+
+def train_sft(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0, force: bool = False,
+              progress: bool = True) -> SFTResult:
+    """Run stage 1 into `OUT/sft/` (reusing a finished one unless `force`), return its metrics.
+
+    `dataset` is a `load_imdb` source (default: the profile's). Bad input is rejected before training.
+    The same as `prepare_sft`, an `SFTTrainer` on `sft_config`, `finish_sft` (see the module docstring).
+    """
+    done = None if force else finished_sft(output_dir, profile)
+    if done is not None:
+        print(f"stage 1 (SFT) already done: {done.model_dir}")
+        return done
+
+    from trl import SFTTrainer
+
+    inputs = prepare_sft(profile, output_dir, dataset, seed=seed)
+    try:
+        args = sft_config(profile, inputs.work_dir, seed=seed, epochs=inputs.epochs)
+        with quiet_trainer_setup():
+            trainer = SFTTrainer(model=inputs.model, args=args, train_dataset=inputs.train_dataset,
+                                 processing_class=inputs.tokenizer)
+        one_progress_bar(trainer, enabled=progress, desc="SFT")
+        trainer.train()
+    finally:
+        shutil.rmtree(inputs.work_dir, ignore_errors=True)
+    return finish_sft(inputs, trainer)

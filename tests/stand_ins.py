@@ -8,6 +8,8 @@ Import from any test in this folder: `from stand_ins import make_tiny_llama, mak
   a peft LoRA adapter folder for the 1-output sequence classifier of a base, score head included. We skip
   the training and randomise the LoRA B matrices and the head instead, so scores differ between inputs.
 - `plain_reward_model`: the stage-2 reward model as plain peft loads it, the reference for our scores.
+- `make_imdb_hub_folder`: a small dataset laid out like `stanfordnlp/imdb` on the Hub (parquet shards, a dataset
+  card naming the splits, each split SORTED by label, an `unsupervised` split with label -1).
 """
 
 from __future__ import annotations
@@ -137,3 +139,43 @@ def batch(tokenizer, texts, padding_side: str = "right") -> dict:
     """Token ids and attention mask of `texts`, padded on `padding_side`."""
     tokenizer.padding_side = padding_side
     return dict(tokenizer(list(texts), return_tensors="pt", padding=True))
+
+
+IMDB_CARD = """---
+configs:
+- config_name: plain_text
+  data_files:
+  - split: train
+    path: plain_text/train-*
+  - split: test
+    path: plain_text/test-*
+  - split: unsupervised
+    path: plain_text/unsupervised-*
+  default: true
+---
+"""
+
+
+def make_imdb_hub_folder(out_dir, n_train: int = 200, n_test: int = 1000, n_unsupervised: int = 20, seed: int = 0) -> Path:
+    """Write `out_dir` as `stanfordnlp/imdb` is stored on the Hub: `plain_text/{split}-00000-of-00001.parquet`,
+    a card whose YAML names the splits, label a ClassLabel (neg, pos), and, like the real thing, each of train
+    and test sorted by label (all negative reviews first) plus an unlabelled `unsupervised` split (label -1).
+    `datasets.load_dataset(str(out_dir))` reads it as it would read the Hub repository. Texts come from the
+    offline corpus generator, with its `<br /><br />` markup."""
+    import datasets
+
+    from marl_utils.corpus import generate_corpus
+
+    out_dir = Path(out_dir)
+    corpus = generate_corpus(seed=seed, n_train=n_train + n_unsupervised, n_test=n_test)  # sizes: even numbers
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "pos"])})
+    unsupervised = [{"text": r["text"], "label": -1} for r in corpus["train"][n_train:n_train + n_unsupervised]]
+    splits = {"train": sorted(corpus["train"][:n_train], key=lambda r: r["label"]),
+              "test": sorted(corpus["test"], key=lambda r: r["label"]), "unsupervised": unsupervised}
+    (out_dir / "plain_text").mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        table = datasets.Dataset.from_list(rows, features=features)
+        table.to_parquet(str(out_dir / "plain_text" / f"{split}-00000-of-00001.parquet"))
+    (out_dir / "README.md").write_text(IMDB_CARD)
+    return out_dir

@@ -124,6 +124,24 @@ def test_base_model_that_cannot_be_loaded(tmp_path, capsys, monkeypatch):
     assert_nothing_written(tmp_path / "out")
 
 
+def test_base_model_flag_that_is_no_model_or_another_runs_base(tmp_path, capsys, small_profile):
+    out = tmp_path / "out"
+    line = cli_error(["run", "--profile", "tiny", "--base-model", str(tmp_path / "nope"), "--output-dir", str(out)],
+                     capsys)
+    assert f"--base-model {tmp_path / 'nope'}: no such model folder; pass a folder written by save_pretrained" in line
+    (tmp_path / "notes").mkdir()
+    line = cli_error(["sft", "--profile", "tiny", "--base-model", str(tmp_path / "notes"), "--output-dir", str(out)],
+                     capsys)
+    assert "the folder has no config.json, so it is not a saved model" in line
+    assert not out.exists()
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"profile": "tiny", "base_model": "tiny"}))
+    base = make_tiny_llama(tmp_path / "base")
+    line = cli_error(["reward", "--profile", "tiny", "--base-model", str(base), "--output-dir", str(out)], capsys)
+    assert "holds stages trained from base model 'tiny', not" in line and "use another --output-dir" in line
+    assert_nothing_written(out)
+
+
 def test_sft_folder_that_holds_no_model(tmp_path, capsys, small_profile):
     out = tmp_path / "out"
     (out / "sft").mkdir(parents=True)

@@ -115,7 +115,8 @@ def test_load_offline_cleans_markup(corpus):
     assert set(ds) == {"train", "test"} and ds["train"].column_names == ["text", "label"]
     assert len(ds["train"]) == 5000 and len(ds["test"]) == 1000
     assert not any("<br" in t or "  " in t for t in ds["train"]["text"])
-    assert ds["test"]["text"][:50] == [clean_text(r["text"]) for r in corpus["test"][:50]]
+    assert sorted(ds["test"]["text"]) == sorted(clean_text(r["text"]) for r in corpus["test"])
+    assert ds["test"]["text"] != [clean_text(r["text"]) for r in corpus["test"]], "the offline corpus is shuffled too"
     assert clean_text("Good.<br /><br />Bad.<BR>Ugly.<br/>  End") == "Good. Bad. Ugly. End"
 
 
@@ -202,7 +203,66 @@ def test_hub_id_uses_load_dataset_and_drops_other_splits(monkeypatch):
     ds = load_imdb("stanfordnlp/imdb")
     assert calls == ["stanfordnlp/imdb"]
     assert set(ds) == {"train", "test"}
-    assert ds["train"]["label"] == [0, 1, 0, 1] and ds["test"]["text"][0] == "Review 0. Done."
+    assert sorted(ds["train"]["label"]) == [0, 0, 1, 1]
+    assert sorted(ds["test"]["text"]) == ["Review 0. Done.", "Review 1. Done."]
+
+
+# ---- order: stanfordnlp/imdb is sorted by label, every split must come back shuffled ------------------
+
+@pytest.fixture(scope="module")
+def hub_layout(tmp_path_factory):
+    from stand_ins import make_imdb_hub_folder
+
+    return make_imdb_hub_folder(tmp_path_factory.mktemp("hub") / "imdb", n_train=200, n_test=1000)
+
+
+def _both_labels_early(split, n, low=0.3):
+    labels = split["label"][:n]
+    return low < sum(labels) / len(labels) < 1 - low
+
+
+def test_hub_layout_stand_in_is_sorted_like_the_real_one(hub_layout):
+    import datasets
+
+    raw = datasets.load_dataset(str(hub_layout))
+    assert set(raw) == {"train", "test", "unsupervised"}
+    assert raw["test"]["label"] == sorted(raw["test"]["label"]) and set(raw["test"]["label"][:400]) == {0}
+    assert set(raw["unsupervised"]["label"]) == {-1}
+
+
+def test_hub_layout_folder_comes_back_shuffled(hub_layout):
+    ds = load_imdb(hub_layout)
+    assert len(ds["train"]) == 200 and len(ds["test"]) == 1000, "the unsupervised split is dropped"
+    assert _both_labels_early(ds["test"], 400) and _both_labels_early(ds["train"], 50)
+    assert Counter(ds["test"]["label"]) == {0: 500, 1: 500}
+    assert load_imdb(hub_layout, seed=0)["test"]["text"] == ds["test"]["text"]
+    assert load_imdb(hub_layout, seed=1)["test"]["text"] != ds["test"]["text"]
+
+
+def test_hub_id_path_on_the_hub_layout_comes_back_shuffled(hub_layout, monkeypatch):
+    """`load_imdb("stanfordnlp/imdb")` takes the Hub branch; `load_dataset` reads the stand-in as it reads the Hub."""
+    import datasets
+
+    real_load_dataset = datasets.load_dataset
+    asked = []
+
+    def from_stand_in(name, *args, **kwargs):
+        asked.append(name)
+        return real_load_dataset(str(hub_layout), *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", from_stand_in)
+    ds = load_imdb("stanfordnlp/imdb")
+    assert asked == ["stanfordnlp/imdb"]
+    assert set(ds) == {"train", "test"} and -1 not in set(ds["train"]["label"]) | set(ds["test"]["label"])
+    assert _both_labels_early(ds["test"], 400) and _both_labels_early(ds["train"], 50)
+    assert not any("<br" in t for t in ds["test"]["text"][:400])
+
+
+def test_a_file_sorted_by_label_comes_back_shuffled(tmp_path):
+    df = _frame(n_per_label=50, pos=1, neg=0).sort_values("label", kind="stable")
+    path = _write(tmp_path / "sorted.csv", df)
+    ds = load_imdb(path)
+    assert _both_labels_early(ds["train"], 20, low=0.15) and _both_labels_early(ds["test"], 10, low=0.15)
 
 
 def test_hub_failure_is_an_input_error(monkeypatch):

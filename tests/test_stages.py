@@ -1,6 +1,7 @@
 """Stages 1 and 2 as real (very small) training runs, their artifacts, and their bad-input errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,96 @@ def test_gpt2_style_base_goes_through_the_hub_loading_path(tmp_path):
     reward = train_reward_adapter(profile, tmp_path / "run", progress=False)
     config = json.loads((reward.adapter_dir / "adapter_config.json").read_text())
     assert any(m.endswith("c_attn") for m in config["target_modules"]), "GPT-2 fused attention gets LoRA"
+
+
+# ---------------------------------------------------------------------------------------------- stages in steps
+def test_sft_in_steps_equals_train_sft(small_run, tmp_path):
+    """What notebook 01 does cell by cell gives the numbers of the one-call `train_sft`."""
+    from trl import SFTTrainer
+
+    from marl_utils.sft import finish_sft, one_progress_bar, prepare_sft, sft_config
+
+    inputs = prepare_sft(SMALL, tmp_path / "run")
+    assert inputs.train_dataset.column_names == ["text"] and len(inputs.eval_texts) == SMALL.sft_eval_examples
+    trainer = SFTTrainer(model=inputs.model, args=sft_config(SMALL, inputs.work_dir, epochs=inputs.epochs),
+                         train_dataset=inputs.train_dataset, processing_class=inputs.tokenizer)
+    one_progress_bar(trainer, enabled=False)
+    trainer.train()
+    result = finish_sft(inputs, trainer)
+    one_call = small_run[1].metrics
+    for key in ["eval_perplexity", "eval_perplexity_before", "samples_after", "train_tokens", "epochs"]:
+        assert result.metrics[key] == one_call[key], key
+    assert not Path(inputs.work_dir).exists()
+
+
+def test_reward_in_steps_equals_train_reward_adapter(small_run, tmp_path):
+    """What notebook 02 does cell by cell gives the numbers of the one-call `train_reward_adapter`."""
+    from trl import RewardTrainer
+
+    from marl_utils.reward import finish_reward, prepare_reward, reward_config, reward_lora_config
+    from marl_utils.sft import one_progress_bar, quiet_trainer_setup
+
+    out, _, reward = small_run
+    inputs = prepare_reward(SMALL, tmp_path / "run", sft_dir=out / "sft")
+    with quiet_trainer_setup():
+        trainer = RewardTrainer(model=inputs.model, args=reward_config(SMALL, inputs.work_dir, epochs=inputs.epochs),
+                                train_dataset=inputs.train_dataset, processing_class=inputs.tokenizer,
+                                peft_config=reward_lora_config(SMALL))
+    one_progress_bar(trainer, enabled=False)
+    trainer.train()
+    result = finish_reward(inputs, trainer)
+    for key in ["eval_accuracy", "eval_prefix_accuracy", "untrained_accuracy", "check_scores", "epochs"]:
+        assert result.metrics[key] == reward.metrics[key], key
+
+
+def test_stage_logs_are_one_bar_and_a_summary_without_library_warnings(tmp_path, capsys):
+    """No loss dicts on screen (the rows stay in log_history), no FutureWarnings the learner did not cause."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sft = train_sft(SMALL, tmp_path / "run")
+        reward = train_reward_adapter(SMALL, tmp_path / "run")
+    printed = capsys.readouterr()
+    assert "{'loss'" not in printed.out + printed.err and "'grad_norm'" not in printed.out + printed.err
+    assert "SFT: 100%" in printed.err and "reward adapter: 100%" in printed.err
+    assert len(sft.log_history) >= 1 and all("loss" in row for row in sft.log_history)
+    assert reward.metrics["eval_accuracy"] >= 0.0
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "checkpointing" in m or "fan_in_fan_out" in m], messages
+
+
+def test_untrained_passes_run_on_the_training_device(monkeypatch, tmp_path, small_run):
+    """The measurements before training (thousands of forwards on gpt2-imdb) must not run on the CPU when the
+    Trainer would use a GPU: the model moves first. `meta` stands in for the GPU here."""
+    import marl_utils.reward as reward_mod
+    import marl_utils.sft as sft_mod
+
+    meta = torch.device("meta")
+    seen = []
+
+    def record(model):
+        seen.append(next(model.parameters()).device)
+        return 0.5
+
+    monkeypatch.setattr(sft_mod, "training_device", lambda: meta)
+    monkeypatch.setattr(reward_mod, "training_device", lambda: meta)
+    monkeypatch.setattr(sft_mod, "perplexity", lambda model, *a, **k: record(model) and 100.0)
+    monkeypatch.setattr(sft_mod, "sample_texts", lambda model, *a, **k: record(model) and ["x"])
+    monkeypatch.setattr(reward_mod, "pairwise_accuracy", lambda model, *a, **k: record(model))
+    sft_mod.prepare_sft(SMALL, tmp_path / "a")
+    reward_mod.prepare_reward(SMALL, tmp_path / "b", sft_dir=small_run[0] / "sft")
+    assert len(seen) == 4 and all(device == meta for device in seen), seen
+
+
+def test_sft_and_reward_slices_see_both_labels_on_a_label_sorted_dataset(tmp_path):
+    """stanfordnlp/imdb is sorted by label: the first n train rows and the eval slice must still hold both."""
+    from stand_ins import make_imdb_hub_folder
+
+    folder = make_imdb_hub_folder(tmp_path / "imdb", n_train=400, n_test=200)
+    profile = SMALL.replace(sft_max_train_examples=60, sft_eval_examples=40, sft_max_steps=2, reward_max_steps=2)
+    sft = train_sft(profile, tmp_path / "run", str(folder), progress=False)
+    assert min(sft.metrics["train_label_counts"].values()) >= 15
+    assert min(sft.metrics["eval_label_counts"].values()) >= 10
+    reward = train_reward_adapter(profile, tmp_path / "run", str(folder), progress=False)
+    assert reward.metrics["eval_pairs"] == profile.reward_eval_pairs
