@@ -407,9 +407,11 @@ class PPOTrainer:
                 load_checkpoint(self, found)
             elif self.accelerator.is_main_process:
                 print(f"no checkpoint under {output_dir}: starting from step {self.step_count}")
-        saved_at = self.step_count
-        bar = tqdm(total=total, initial=min(self.step_count, total), desc="PPO",
-                   disable=not progress or not self.accelerator.is_main_process)
+        saved_at, started_at, t_start = self.step_count, self.step_count, time.perf_counter()
+        show = progress and self.accelerator.is_main_process
+        # leave=False: the bar (a widget in Jupyter) goes away when done and a line of text stays, so a saved
+        # notebook reopens without "Error displaying widget"
+        bar = tqdm(total=total, initial=min(self.step_count, total), desc="PPO", disable=not show, leave=False)
         self._progress = bar
         try:
             while self.step_count < total:
@@ -425,7 +427,17 @@ class PPOTrainer:
         finally:
             bar.close()
             self._progress = None
+        if show and self.step_count > started_at:
+            print(self._summary_line(started_at, time.perf_counter() - t_start))
         return self.history
+
+    def _summary_line(self, started_at: int, seconds: float) -> str:
+        """One line for the end of train(): steps, time, and how reward and KL moved."""
+        first, last = self.history[-min(self.step_count - started_at, len(self.history))], self.history[-1]
+        return (f"PPO: steps {started_at + 1}-{self.step_count} in {seconds:.0f} s "
+                f"({seconds / (self.step_count - started_at):.2f} s/step); reward {first['env/score_mean']:.2f} -> "
+                f"{last['env/score_mean']:.2f}, KL {last['objective/kl']:.2f} nats, "
+                f"{last['ppo/response_tokens_mean']:.1f} tokens per response")
 
     def _train_step(self, prompts, eval_prompts) -> dict:
         """One iteration of train(): sample prompts, generate, score (fused into the rollout forward), step."""
