@@ -60,7 +60,8 @@ class PPOTrainer:
       ppo/policy/approxkl_first              of the first minibatch of the first epoch: ~0, else the training
           forward differs from the rollout (dropout, padding, temperature, precision)
       ppo/response_tokens_mean, ppo/distinct_2   collapse shows here first: short, repetitive responses
-      time/ppo/{rollout_forward,optimize,total}  seconds (train() adds time/rollout/{generate,score})
+      time/ppo/{rollout_forward,optimize,total}  seconds; train() adds time/rollout/generate, and there the
+          rollout forward includes the reward pass (fused into it where peft allows)
     """
 
     def __init__(self, config: PPOConfig, model, tokenizer, dataset=None, data_collator=None, optimizer=None,
