@@ -20,9 +20,13 @@ from .errors import MarlInputError
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log pi(label_t | context): logits [B,T,V], labels [B,T] -> [B,T] (float32)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    """log pi(label_t | context): logits [B,T,V], labels [B,T] -> [B,T] (float32).
+
+    logit of the label minus logsumexp over the vocabulary: the same number as log_softmax + gather, without
+    a [B,T,V] tensor of log-probabilities kept for the backward pass.
+    """
+    logits = logits.float()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:

@@ -42,7 +42,9 @@ def response_view(batch: dict) -> tuple[int, torch.Tensor, torch.Tensor]:
 
 def logprobs_at_responses(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
     """logits [b,R+1,V] of the last R+1 positions -> (logprobs [b,R], logits / T [b,R,V])."""
-    logits = logits[:, :-1].float() / temperature  # the logits at t predict token t+1
+    logits = logits[:, :-1].float()  # the logits at t predict token t+1
+    if temperature != 1.0:
+        logits = logits / temperature
     return logprobs_from_logits(logits, targets), logits
 
 
