@@ -385,6 +385,7 @@ def run_bench(profile, output_dir=None, base_size: str = "mid", steps: int = 5, 
                     "load_average_before": load_before,
                     "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "rss_source": "VmHWM/VmRSS (/proc/self/status)" if rss_bytes() is not None else "ru_maxrss",
+        "code": _code_version(),
     }
     atomic_write_json(out / "bench.json", summary)
     plot_bench(summary, out / "plots" / "bench.png")
@@ -422,6 +423,19 @@ def _memory(layouts, inputs_file: Path, steps: int, threads: int, jobs: int) -> 
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # each layout is its own process either way
         return dict(zip(layouts, pool.map(run_one, layouts)))
+
+
+def _code_version() -> dict:
+    """The commit measured and the package files that differed from it (others edit the trainer meanwhile)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "marl_utils"], cwd=root, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "changed_files": None}
+    return {"commit": commit.stdout.strip() or None,
+            "changed_files": [line[3:] for line in dirty.stdout.splitlines()] if dirty.returncode == 0 else None}
 
 
 def _command(base_size, steps, precision, device, memory, time_budget, profile_step) -> str:

@@ -115,14 +115,15 @@ def bucket_of(event, vocab: int, rank: int) -> str:
 def breakdown(profiler, wall_seconds: float, minibatches: int, vocab: int, rank: int, device: torch.device) -> dict:
     """Milliseconds per minibatch in each bucket, the wall time in no op, and the biggest ops of "other ops"."""
     attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    buckets, others = dict.fromkeys(BUCKETS, 0.0), {}
+    buckets, calls, others = dict.fromkeys(BUCKETS, 0.0), dict.fromkeys(BUCKETS, 0), {}
     in_ops = 0.0
     for event in profiler.events():
         micros = float(getattr(event, attribute, 0.0) or 0.0)
         in_ops += float(event.self_cpu_time_total or 0.0)
+        bucket = bucket_of(event, vocab, rank)
+        calls[bucket] += 1  # op counts do not move when a busy machine slows a window down
         if micros <= 0:
             continue
-        bucket = bucket_of(event, vocab, rank)
         buckets[bucket] += micros
         if bucket == "other ops":
             others[event.name] = others.get(event.name, 0.0) + micros
@@ -130,7 +131,8 @@ def breakdown(profiler, wall_seconds: float, minibatches: int, vocab: int, rank:
     # on a GPU the buckets are device time; what is not in any op is judged on the host's clock
     per_minibatch["outside ops"] = max(0.0, wall_seconds * 1000 - in_ops / 1000) / minibatches
     top = sorted(others.items(), key=lambda item: -item[1])[:8]
-    return {"ms": per_minibatch, "other_ops_top_ms": {name: micros / 1000 / minibatches for name, micros in top}}
+    return {"ms": per_minibatch, "calls": {name: count / minibatches for name, count in calls.items()},
+            "other_ops_top_ms": {name: micros / 1000 / minibatches for name, micros in top}}
 
 
 def _clocked(run_step, device: torch.device) -> float:
@@ -149,14 +151,15 @@ def _profiled(run_step, device: torch.device, minibatches: int, vocab: int, rank
     wall = window.ends[-1] - window.ends[0]
     found = breakdown(window.profiler, wall, counted, vocab, rank, device)
     return {"profiled_seconds_per_minibatch": wall / counted, "minibatches": counted,
-            "ms_per_minibatch": found["ms"], "other_ops_top_ms": found["other_ops_top_ms"]}
+            "ms_per_minibatch": found["ms"], "ops_per_minibatch": found["calls"],
+            "other_ops_top_ms": found["other_ops_top_ms"]}
 
 
 def profile_minibatch(inputs: dict, shape: StepShape, precision: str = "fp32", device="cpu",
                       minibatches: int = 4, repeats: int = 3, learning_rate: float = 1e-5) -> dict:
     """Per-minibatch seconds (median of `repeats` interleaved steps) and the bucket breakdown, ours vs floor.
 
-    Ours is the project's PPOTrainer on the MARL model with the shared value head.
+    Ours is the project's PPOTrainer on the MARL model with the shared value head, one `train()` step at a time.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -203,15 +206,18 @@ def format_profile(profiled: dict) -> str:
              f"{1000 * (ours['seconds_per_minibatch'] or 0):.1f} ms, floor "
              f"{1000 * (floor['seconds_per_minibatch'] or 0):.1f} ms by the clock"
              + (f" ({profiled['ratio']:.2f}x)" if profiled.get("ratio") else ""),
-             f"  under the profiler ({profiled['window_minibatches']} minibatches), ms per minibatch:"
-             f"{'ours':>8}{'floor':>10}{'ours - floor':>14}"]
+             f"  under the profiler ({profiled['window_minibatches']} minibatches), per minibatch:"
+             f"{'ms ours':>11}{'floor':>9}{'ours-floor':>12}{'ops ours':>10}{'floor':>8}"]
     if not (floor["ms_per_minibatch"] and ours["ms_per_minibatch"]):
         return "\n".join(lines + ["  (no profile: the step ran fewer optimizer steps than the window)"])
     for bucket in profiled["buckets"]:
         a, b = ours["ms_per_minibatch"][bucket], floor["ms_per_minibatch"][bucket]
-        lines.append(f"  {bucket:<56}{a:>8.1f}{b:>10.1f}{a - b:>+14.1f}")
+        ops = "".join(f"{run['ops_per_minibatch'][bucket]:>{w}.0f}" for run, w in ((ours, 10), (floor, 8))) \
+            if bucket in ours["ops_per_minibatch"] else ""
+        lines.append(f"  {bucket:<52}{a:>11.1f}{b:>9.1f}{a - b:>+12.1f}{ops}")
     a, b = (sum(run["ms_per_minibatch"].values()) for run in (ours, floor))
-    lines.append(f"  {'sum':<56}{a:>8.1f}{b:>10.1f}{a - b:>+14.1f}")
+    ops = "".join(f"{sum(run['ops_per_minibatch'].values()):>{w}.0f}" for run, w in ((ours, 10), (floor, 8)))
+    lines.append(f"  {'sum':<52}{a:>11.1f}{b:>9.1f}{a - b:>+12.1f}{ops}")
     top = ", ".join(f"{name} {ms:.1f}" for name, ms in list(ours.get("other_ops_top_ms", {}).items())[:5])
     lines.append(f"  ours' biggest 'other ops' (ms): {top}")
     return "\n".join(lines)

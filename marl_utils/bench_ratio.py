@@ -8,13 +8,13 @@ total): the median over the repeats, the ratio of medians ours / floor, and as n
 per-repeat ratios (ours in repeat r / floor in repeat r). The runners:
 
 - floor: `bench_floor.Floor`, plain torch + peft, the least any implementation does;
-- marl: the project's `PPOTrainer` on `AutoModelForCausalLMWithValueHead` (shared value head), one step as
-  `train()` runs it: `generate` (chunks of mini_batch_size), `score`, `step`; phases from the trainer's own
-  timers (`time/ppo/rollout_forward`, `time/ppo/optimize`), the total from the clock around all three;
+- marl: the project's `PPOTrainer` on `AutoModelForCausalLMWithValueHead` (shared value head), one step of
+  `train()` (`TrainerRunner`); phases from the trainer's own timers, the total from the clock around it;
 - separate: the four-model layout of `bench_layouts` with the same PPO step (`timed_ppo_step`);
 - critic_adapter: `PPOTrainer` on `from_pretrained(..., critic="adapter")` once that exists.
 
-Every response has exactly `new_tokens` tokens (`min_new_tokens`, a timing choice), so all do the same work.
+The floor and the separate layout force `new_tokens` tokens per response (`min_new_tokens`, a timing choice);
+the trainer samples as it does in training, where a rare early EOS (random weights) leaves its batch as wide.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import io
 import os
 import statistics
 import time
@@ -36,7 +37,10 @@ LAYOUTS = ("marl", "separate", "critic_adapter")
 LABELS = {"floor": "floor: plain torch + peft", "marl": "MARL, shared value head",
           "separate": "separate models", "critic_adapter": "MARL, critic adapter"}
 NOT_YET = "not available yet"
-TRAINER_TIMERS = {"rollout": "time/ppo/rollout_forward", "optimise": "time/ppo/optimize"}
+TRAINER_TIMERS = {"generate": "time/rollout/generate", "score": "time/rollout/score",
+                  "rollout": "time/ppo/rollout_forward", "optimise": "time/ppo/optimize"}
+"""Phase -> the trainer's timer in its history entry. No "time/rollout/score": the reward pass is fused into the
+rollout forward, and that runner's rollout is compared with the floor's score + rollout."""
 
 
 def critic_adapter_supported(model_class=None) -> bool:
@@ -67,7 +71,14 @@ def _accelerate_on(device: torch.device):
 
 
 class TrainerRunner:
-    """The project's PPOTrainer on a model: one step = generate + score + step, as `train()` runs them."""
+    """The project's PPOTrainer on a model: one step = `train()` for one more step, as a user runs it.
+
+    `train()` is what users run, and it is where the trainer's own choices live (how many rows it generates at
+    once, whether the reward pass is fused into the rollout forward), so the bench times it rather than
+    rebuilding a step from `generate` / `score` / `step`. Phases come from the trainer's history entry; the
+    total is the clock around the call. Sampling is plain (no `min_new_tokens`), so a response may end early
+    at EOS: each step records the mean response length it really had (`response_tokens`).
+    """
 
     def __init__(self, model, tokenizer, shape: StepShape, precision: str, device, learning_rate: float):
         from .ppo import PPOTrainer
@@ -89,21 +100,17 @@ class TrainerRunner:
         return time.perf_counter()
 
     def step(self, queries) -> dict:
-        trainer, shape = self.trainer, self.shape
+        trainer = self.trainer
         start = self._clock()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # min_new_tokens "biases the sampling": wanted here, equal work
-            responses = trainer.generate(queries, batch_size=shape.mini_batch_size, min_new_tokens=shape.new_tokens)
-        generated = self._clock()
-        scores = trainer.score(queries, responses)
-        scored = self._clock()
-        stats = trainer.step(queries, responses, scores)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # its one-line summary
+            warnings.simplefilter("ignore")
+            history = trainer.train(prompts=queries, steps=trainer.step_count + 1, progress=False)
         done = self._clock()
-        phases = {"generate": generated - start, "score": scored - generated, "total": done - start}
-        for phase, key in TRAINER_TIMERS.items():
-            phases[phase] = float(stats[key]) if key in stats else None
-        phases["response_tokens"] = sum(len(r) for r in responses) / len(responses)
-        phases["ppo_epochs"] = float(stats.get("ppo/epochs", shape.ppo_epochs))
+        entry = history[-1]
+        phases = {phase: (float(entry[key]) if entry.get(key) is not None else None)
+                  for phase, key in TRAINER_TIMERS.items()}
+        phases.update({"total": done - start, "response_tokens": float(entry.get("ppo/response_tokens_mean", 0.0)),
+                       "ppo_epochs": float(entry.get("ppo/epochs", self.shape.ppo_epochs))})
         return phases
 
 
@@ -126,11 +133,20 @@ def _median(steps: list, key: str):
 
 
 def summarise_runs(runs: dict) -> dict:
-    """Medians per runner and phase; ours / floor per phase (ratio of medians) and the per-repeat total ratios."""
-    medians = {name: {key: _median(steps, key) for key in (*PHASES, "total")} for name, steps in runs.items()}
-    for row in medians.values():  # what the phase timers do not cover: input checks, statistics, glue
-        if row["total"] is not None and all(row[p] is not None for p in PHASES):
-            row["other"] = row["total"] - sum(row[p] for p in PHASES)
+    """Medians per runner and phase; ours / floor per phase (ratio of medians) and the per-repeat total ratios.
+
+    "other" is the median over the steps of total - the phases (input checks, statistics, glue). A runner
+    whose reward pass is inside its rollout forward (no score timer) has its rollout compared with the floor's
+    score + rollout, and "score_in_rollout" set.
+    """
+    medians = {}
+    for name, steps in runs.items():
+        fused = all(s.get("score") is None for s in steps) and all(s.get("rollout") is not None for s in steps)
+        row = {key: _median(steps, key) for key in (*PHASES, "total")}
+        rest = [s["total"] - sum(s[p] or 0.0 for p in PHASES) for s in steps]
+        row["other"] = statistics.median(rest) if rest else None
+        row["score_in_rollout"] = fused
+        medians[name] = row
     floor = medians["floor"]
     ratios = {}
     for name, row in medians.items():
@@ -139,7 +155,10 @@ def summarise_runs(runs: dict) -> dict:
         pair = [ours["total"] / base["total"] for ours, base in zip(runs[name], runs["floor"])]
         ratios[name] = {key: (row[key] / floor[key] if row[key] is not None and floor[key] else None)
                         for key in (*PHASES, "total")}
-        ratios[name].update({"total_pairs": pair, "total_pair_min": min(pair), "total_pair_max": max(pair)})
+        if row["score_in_rollout"] and floor["score"] is not None:
+            ratios[name]["rollout"] = row["rollout"] / (floor["score"] + floor["rollout"])
+        ratios[name].update({"total_pairs": pair, "total_pair_min": min(pair), "total_pair_max": max(pair),
+                             "score_in_rollout": row["score_in_rollout"]})
     return {"median_seconds": medians, "ratios": ratios}
 
 
@@ -246,10 +265,19 @@ def format_ratio_table(comparison: dict) -> str:
             used = comparison["precision_used"].get(name)
             flag = "" if used in (comparison["precision"], None) or (used == "no" and comparison["precision"] ==
                                                                       "fp32") else f"  (ran in {used})"
-            lines.append(f"{LABELS[name]:<27}" + "".join(cell(row[p]) for p in (*PHASES, "total"))
+            cells = [cell(row[p]) if not (p == "score" and row["score_in_rollout"]) else f"{'in rollout':>10}"
+                     for p in (*PHASES, "total")]
+            lines.append(f"{LABELS[name]:<27}" + "".join(cells)
                          + f"   {row['total_pair_min']:.2f}-{row['total_pair_max']:.2f}{flag}")
+            short = [s["response_tokens"] for s in comparison["steps_detail"][name]
+                     if s.get("response_tokens", shape["new_tokens"]) < shape["new_tokens"]]
+            if short:
+                lines.append(f"{'':<27}  ({len(short)} step(s) with responses ended at EOS: fewer tokens)")
         elif name in comparison["unavailable"]:
             lines.append(f"{LABELS[name]:<27}  {comparison['unavailable'][name]}")
+    if any(row["score_in_rollout"] for row in ratios.values()):
+        lines.append("in rollout: the trainer scores with the reward adapter inside its rollout forward; its rollout "
+                     "ratio is to the floor's score + rollout")
     if comparison["notes"].get("budget"):
         lines.append(f"note: {comparison['notes']['budget']}")
     return "\n".join(lines)
