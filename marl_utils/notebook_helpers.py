@@ -1,4 +1,5 @@
-"""How many bytes each part of a multi-adapter model holds, shared storage counted once (notebooks 04, 05).
+"""The notebooks' small helpers: memory per part of a multi-adapter model (04, 05), dequantized weights (04),
+CPU threads for a small model, rounded numbers, a fresh folder per exercise (01-05), overlaid runs (04, 05).
 
 A multi-adapter model is one base plus small extras. `footprint(model)` splits its resident memory into
 
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 __all__ = ["storage_bytes", "footprint", "footprint_rows", "adapter_cost", "median_seconds", "plot_runs",
-           "dequantized_weight", "plot_footprint"]
+           "dequantized_weight", "plot_footprint", "set_cpu_threads", "rounded", "exercise_dir", "parameter_share"]
 
 # LoRA tensors are named "...lora_A.<adapter>.weight", "...lora_embedding_B.<adapter>", "...lora_magnitude_vector.<adapter>..."
 LORA_NAME = re.compile(r"\.(lora_[A-Za-z_]+)\.([^.]+)")
@@ -137,21 +138,75 @@ def adapter_cost(model: nn.Module, adapter_name: str) -> int:
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The float32 [out, in] weight a linear layer computes with: bitsandbytes 8-bit/4-bit unpacked, else as is.
+    """The float32 [out, in] weight a linear layer computes with, ON THE CPU: bitsandbytes 8-bit/4-bit unpacked,
+    else as is.
 
     8-bit (LLM.int8): int8 codes times each row's absmax / 127. 4-bit: each block of 64 codes looked up in
-    the 16-entry table (FP4 or NF4) and times the block's absmax.
+    the 16-entry table (FP4 or NF4) and times the block's absmax. The result is on the CPU whatever device the
+    layer is on, so weights of layers on different devices (a quantized base on the GPU, a float one not yet
+    moved) can be compared directly (notebook 04).
     """
     weight = layer.weight
     if type(layer).__name__ == "Linear8bitLt":
-        return weight.data.float() * (weight.SCB.float().unsqueeze(1) / 127.0)
+        return (weight.data.float() * (weight.SCB.float().unsqueeze(1) / 127.0)).cpu()
     if type(layer).__name__ == "Linear4bit":
         from bitsandbytes.functional import dequantize_4bit
 
-        return dequantize_4bit(weight.data, weight.quant_state).float()
+        return dequantize_4bit(weight.data, weight.quant_state).float().cpu()
     if type(layer).__name__ == "Conv1D":  # GPT-2 stores its linear layers as [in, out]
-        return weight.detach().float().t()
-    return weight.detach().float()
+        return weight.detach().float().t().cpu()
+    return weight.detach().float().cpu()
+
+
+SMALL_MODEL_PARAMETERS = 20_000_000
+"""Below this many parameters a model on the CPU runs faster on one thread (see `set_cpu_threads`)."""
+
+
+def set_cpu_threads(model: nn.Module, max_parameters: int = SMALL_MODEL_PARAMETERS) -> int:
+    """One torch thread for a small model on the CPU, else leave torch's choice; returns the threads in use.
+
+    Why: torch splits every matmul over its threads. A ~1M-parameter model (hidden size 128, the tiny profile)
+    does matmuls of microseconds, and handing each to a second thread and waiting for it costs more than it
+    saves, the more so on a 2-core machine shared with other work. A GPT-2-sized model (124M) on the CPU has
+    matmuls large enough to split, and a model on the GPU does not use these threads at all, so both keep
+    torch's default. Introduced in notebook 03; used by 04 and 05.
+    """
+    import torch
+
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    n_parameters = sum(p.numel() for p in model.parameters())
+    if on_cpu and n_parameters < max_parameters:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+def rounded(values, digits: int = 2) -> list[float]:
+    """Python floats rounded to `digits` (a float32 tensor's `.round(decimals=2).tolist()` prints 0.9599999785)."""
+    import torch
+
+    if torch.is_tensor(values):
+        values = values.detach().float().cpu().flatten().tolist()
+    return [round(float(v), digits) for v in values]
+
+
+def exercise_dir(out, name: str):
+    """A fresh output folder for one exercise, `OUT/exercises/<name>`, so that it never reuses, or overwrites,
+    the stages the notebooks share in `OUT` (notebooks 01-05).
+
+    Why it matters: stage 2 trains the reward adapter ON the stage-1 model in `OUT/sft/`, and stage 3 loads
+    that adapter onto that same model. A LoRA adapter is a small correction to particular base weights; on
+    any other base (retrained with other settings, even just another seed) it computes other scores. An
+    exercise that retrained `OUT/sft/` would leave `OUT/reward_adapter/` sitting on a base it was not
+    trained on; one that ran into `OUT` without retraining would silently get the cached stage back.
+    """
+    from pathlib import Path
+
+    return Path(out) / "exercises" / name
+
+
+def parameter_share(part: int, whole: int) -> str:
+    """'14.2% (36,865 of 259,840)': a part's share of a whole, computed, with both counts."""
+    return f"{part / whole:.1%} ({part:,} of {whole:,})"
 
 
 def median_seconds(fn, repeats: int = 5) -> float:

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import MarlInputError
+
 
 def _save(fig, save_to) -> None:
     """Write a PNG under a temporary name, then rename: a killed run leaves the old plot or the new, never half."""
@@ -61,12 +63,19 @@ def set_count_axis(ax, key: str) -> None:
 
 
 def plot_curves(history: list[dict], keys, *, x_key: str | None = None, titles=None, smooth: int = 1,
-                save_to: str | Path | None = None, suptitle: str | None = None):
-    """One small panel per metric in `keys`, from a list of per-step dicts (a trainer's history)."""
+                save_to: str | Path | None = None, suptitle: str | None = None, columns: int | None = None):
+    """One small panel per metric in `keys`, from a list of per-step dicts (a trainer's history).
+
+    `columns`: panels per row (default: all in one row); further panels wrap onto more rows.
+    """
     plt = _plt()
     keys = list(keys)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
-    for ax, key, title in zip(axes[0], keys, titles or keys):
+    columns = min(columns or len(keys), len(keys))
+    n_rows = -(-len(keys) // columns)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(4.2 * columns, 3.2 * n_rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key, title in zip(axes.flat, keys, titles or keys):
         rows = [r for r in history if key in r]
         xs = [r[x_key] if x_key else i for i, r in enumerate(rows)]
         ys = [float(r[key]) for r in rows]
@@ -83,6 +92,32 @@ def plot_curves(history: list[dict], keys, *, x_key: str | None = None, titles=N
     if save_to:
         _save(fig, save_to)
     return fig
+
+
+PPO_DIAGNOSTICS = {
+    "ppo/policy/approxkl": "approx KL (old vs new policy)",
+    "ppo/policy/clipfrac": "clip fraction",
+    "objective/kl_coef": "beta (KL coefficient)",
+    "ppo/val/explained_variance": "explained variance",
+    "ppo/loss/value": "value loss",
+}
+"""The numbers PPO practitioners watch, per step of a trainer's history (CleanRL logs the same)."""
+
+
+def plot_ppo_diagnostics(history: list[dict], *, smooth: int = 3, save_to=None):
+    """The health of the PPO update itself (notebook 03), one panel each for `PPO_DIAGNOSTICS`.
+
+    Approx KL and clip fraction say how far each update moved the policy (a clip fraction near 0.5, or an
+    approx KL far above 0.1, means steps too large for the clip); beta is the KL controller's answer to the
+    KL to the reference; explained variance near 1 means the value head predicts the returns, at or below 0
+    that it does no better than a constant; the value loss should fall as it learns.
+    """
+    missing = [key for key in PPO_DIAGNOSTICS if not any(key in row for row in history)]
+    if missing:
+        raise MarlInputError(f"plot_ppo_diagnostics: the history has no {missing}; pass a PPOTrainer's `history` "
+                             "(after trainer.train or trainer.log_stats)")
+    return plot_curves(history, list(PPO_DIAGNOSTICS), titles=list(PPO_DIAGNOSTICS.values()), smooth=smooth,
+                       save_to=save_to, columns=3)
 
 
 def plot_score_histograms(pos_scores, neg_scores, *, title="reward scores of held-out reviews", save_to=None):

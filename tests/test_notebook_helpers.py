@@ -192,3 +192,47 @@ def test_token_count_panels_start_at_zero():
         reward_panel, length_panel = fig.axes
         assert length_panel.get_ylim()[0] == 0 and length_panel.get_ylim()[1] >= 20.0
         assert reward_panel.get_ylim()[0] > 0  # other metrics keep matplotlib's fitted range
+
+
+def test_dequantized_weight_comes_back_on_the_cpu():
+    from types import SimpleNamespace
+
+    from foreign_device import on_other_device
+
+    weight = torch.randn(3, 4)
+    layer = SimpleNamespace(weight=on_other_device(weight.clone()))  # a float layer whose weight lives "elsewhere"
+    deq = dequantized_weight(layer)
+    assert torch.equal(deq - weight, torch.zeros(3, 4))  # mixing it with a CPU tensor works: it came back
+    assert deq.dtype == torch.float32 and deq.device.type == "cpu"
+
+
+def test_set_cpu_threads_uses_one_thread_only_for_a_small_cpu_model():
+    from marl_utils.notebook_helpers import set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        model = torch.nn.Linear(8, 8)  # 72 parameters
+        assert set_cpu_threads(model, max_parameters=72) == 2  # not below the bar: torch's choice stays
+        on_meta = torch.nn.Linear(8, 8, device="meta")  # stands in for a model on the GPU
+        assert set_cpu_threads(on_meta, max_parameters=1_000) == 2
+        assert set_cpu_threads(model, max_parameters=73) == 1  # small and on the CPU
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_rounded_prints_short_numbers():
+    from marl_utils.notebook_helpers import rounded
+
+    values = torch.tensor([0.96, -1.23456], dtype=torch.float32)
+    assert values.round(decimals=2).tolist()[0] != 0.96  # the float32 noise this helper exists for
+    assert rounded(values) == [0.96, -1.23] and repr(rounded(values)) == "[0.96, -1.23]"
+    assert rounded([1 / 3, 2], 3) == [0.333, 2.0]
+
+
+def test_exercise_dir_is_a_fresh_folder_inside_the_run(tmp_path):
+    from marl_utils.notebook_helpers import exercise_dir, parameter_share
+
+    folder = exercise_dir(tmp_path / "tiny", "01-40-steps")
+    assert folder == tmp_path / "tiny" / "exercises" / "01-40-steps" and not folder.exists()
+    assert parameter_share(36865, 259840) == "14.2% (36,865 of 259,840)"

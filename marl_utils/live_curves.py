@@ -1,0 +1,205 @@
+"""Training curves redrawn in place while a run trains, like d2l's ProgressBoard (notebooks 01-05).
+
+    board = LiveCurves({"env/score_mean": "reward", "objective/kl": "KL (nats/seq)"}, every=5, total=50)
+    trainer.train(prompts, callback=board)   # PPOTrainer calls board(trainer, entry) after every step
+    board.close()                            # last redraw and a one-line summary
+
+    trainer.add_callback(board.hf_callback())  # the same for a transformers Trainer (SFTTrainer, RewardTrainer)
+    trainer.train(prompts, callback=board.callback("8-bit"))   # one series per run, several runs on one board
+
+In Jupyter the board is ONE output that is replaced every `every` steps: a text line (step, latest values,
+seconds per step) over a PNG of the curves. Nothing is a widget, so a saved notebook reopens with the last
+picture and line instead of "Error displaying widget". Outside a notebook (a script, a terminal, CI logs) it
+prints the text line every `every` steps instead, and draws nothing until `close()` or `figure` asks.
+
+`add(values, series=...)` takes any dict of floats (a trainer's history entry, a `Trainer` log row); keys
+the board does not plot are ignored. Several series (e.g. two policies) share each panel, one colour each.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+
+from .errors import MarlInputError
+
+__all__ = ["LiveCurves"]
+
+
+class LiveCurves:
+    """One panel per metric key, one line per series, redrawn every `every` steps (see the module docstring).
+
+    panels: {history key: panel title} or a list of keys. total: steps expected (shown as "step 5/50").
+    smooth: moving-average window drawn over the raw (faint) curve. notebook: None = detect Jupyter.
+    """
+
+    def __init__(self, panels, *, every: int = 5, total: int | None = None, smooth: int = 1, title: str | None = None,
+                 notebook: bool | None = None):
+        panels = dict(panels) if isinstance(panels, dict) else {key: key for key in panels}
+        if not panels:
+            raise MarlInputError("LiveCurves needs at least one metric key to plot, e.g. ['env/score_mean']")
+        if not isinstance(every, int) or every < 1:
+            raise MarlInputError(f"LiveCurves(every={every!r}) must be a positive integer (redraw every N steps)")
+        from .plotting import _in_notebook
+
+        self.panels, self.every, self.total, self.smooth, self.title = panels, every, total, smooth, title
+        self.notebook = _in_notebook() if notebook is None else notebook
+        self.points: dict[str, dict[str, list[tuple[float, float]]]] = {}  # series -> key -> [(step, value)]
+        self._counts: dict[str, int] = {}
+        self._start = None
+        self._text_handle = self._image_handle = None
+        self._figure = None
+        self.closed = False
+
+    # ------------------------------------------------------------------------------------------ feeding
+    def add(self, values: dict, *, step=None, series: str = "") -> None:
+        """Record one step of `series`; redraw when the last series has reached a multiple of `every` steps."""
+        if self._start is None:
+            self._start = time.perf_counter()
+        count = self._counts.get(series, 0) + 1
+        self._counts[series] = count
+        x = float(step) if step is not None else float(count)
+        curves = self.points.setdefault(series, {key: [] for key in self.panels})
+        for key in self.panels:
+            value = values.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                curves[key].append((x, float(value)))
+        # with several series (two policies taking turns) redraw once all of them have reported the step
+        if series == list(self._counts)[-1] and count % self.every == 0:
+            self._show()
+
+    def __call__(self, trainer, entry: dict) -> None:
+        """`PPOTrainer.train(callback=board)`: one history entry per step. Returns None: never stops training."""
+        self.add(entry, step=entry.get("step"))
+
+    def callback(self, series: str):
+        """A `PPOTrainer.train` callback that draws its run as `series` (several runs on one board, notebook 04)."""
+        def add_entry(trainer, entry: dict) -> None:
+            self.add(entry, step=entry.get("step"), series=series)
+
+        return add_entry
+
+    def hf_callback(self, series: str = "", close_at_end: bool = True):
+        """A transformers `TrainerCallback` that feeds every logged row (loss, accuracy, ...) to this board."""
+        from transformers import TrainerCallback
+
+        board = self
+
+        class _LiveCurvesCallback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                if board.total is None and state.max_steps > 0:
+                    board.total = state.max_steps
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if state.is_world_process_zero and logs:
+                    board.add(logs, step=state.global_step, series=series)
+
+            def on_train_end(self, args, state, control, **kwargs):
+                if close_at_end and state.is_world_process_zero:
+                    board.close()
+
+        return _LiveCurvesCallback()
+
+    # ------------------------------------------------------------------------------------------ output
+    def status_line(self, final: bool = False) -> str:
+        """'step 25/50 | reward 1.23 | KL 4.56 | 0.81 s/step' (final: first -> last value of every panel)."""
+        series = list(self.points)
+        steps = max(self._counts.values(), default=0)
+        seconds = time.perf_counter() - self._start if self._start is not None else 0.0
+        parts = []
+        for key, title in self.panels.items():
+            for name in series:
+                curve = self.points[name][key]
+                if not curve:
+                    continue
+                label = f"{title} ({name})" if name else title
+                parts.append(f"{label} {curve[0][1]:.3g} -> {curve[-1][1]:.3g}" if final
+                             else f"{label} {curve[-1][1]:.3g}")
+        if final:
+            head = f"done: {steps} steps in {seconds:.0f} s"
+        else:
+            head = f"step {steps}/{self.total}" if self.total else f"step {steps}"
+            parts.append(f"{seconds / max(steps, 1):.2f} s/step")
+        return " | ".join([head] + parts)
+
+    @property
+    def figure(self):
+        """The curves as a matplotlib Figure (not a pyplot one, so Jupyter does not show it a second time)."""
+        self._figure = self._draw()
+        return self._figure
+
+    def save(self, path) -> None:
+        """Write the current curves as a PNG (atomically: a killed run leaves the old file or the new one)."""
+        from .plotting import _save
+
+        _save(self.figure, path)
+
+    def close(self) -> None:
+        """Draw the last state and replace the status line by a summary (printed outside a notebook)."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.points:
+            return
+        if self.notebook:
+            self._update_notebook(self.status_line(final=True))
+        else:
+            print(self.status_line(final=True), flush=True)
+
+    def _show(self) -> None:
+        if self.notebook:
+            self._update_notebook(self.status_line())
+        else:
+            print(self.status_line(), flush=True)
+
+    def _update_notebook(self, line: str) -> None:
+        from IPython.display import Image, display
+
+        png = self._png()
+        text = {"text/plain": line}
+        if self._text_handle is None:
+            self._text_handle = display(text, raw=True, display_id=True)
+            self._image_handle = display(Image(data=png), display_id=True)
+        else:
+            self._text_handle.update(text, raw=True)
+            self._image_handle.update(Image(data=png))
+
+    def _png(self) -> bytes:
+        buffer = io.BytesIO()
+        self.figure.savefig(buffer, format="png", dpi=80)
+        return buffer.getvalue()
+
+    def _draw(self):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        from .plotting import _smooth, set_count_axis
+
+        n = len(self.panels)
+        fig = Figure(figsize=(3.6 * n, 2.9))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, n, squeeze=False)[0]
+        colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+        for ax, (key, title) in zip(axes, self.panels.items()):
+            for color, name in zip(colors * 4, self.points):
+                curve = self.points[name][key]
+                if not curve:
+                    continue
+                xs, ys = [p[0] for p in curve], [p[1] for p in curve]
+                smoothed = self.smooth > 1 and len(ys) >= self.smooth
+                ax.plot(xs, ys, color=color, alpha=0.35 if smoothed else 1.0, label=None if smoothed else (name or None))
+                if smoothed:
+                    ax.plot(xs, _smooth(ys, self.smooth), color=color, label=name or None)
+            set_count_axis(ax, key)
+            if self.total:
+                ax.set_xlim(0, self.total)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        if len(self.points) > 1:
+            axes[0].legend(fontsize=8)
+        if self.title:
+            fig.suptitle(self.title, fontsize=11)
+        fig.tight_layout()
+        return fig

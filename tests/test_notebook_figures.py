@@ -1,0 +1,119 @@
+"""Live curves, the PPO diagnostics figure and the roles diagram (marl_utils.live_curves, plotting, roles_diagram)."""
+
+import base64
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+from marl_utils import MarlInputError
+from marl_utils.live_curves import LiveCurves
+from marl_utils.plotting import PPO_DIAGNOSTICS, plot_ppo_diagnostics
+from marl_utils.roles_diagram import ROLES, draw_roles_diagram
+
+
+def entry(step, reward):
+    return {"step": step, "env/score_mean": reward, "objective/kl": 0.5 * step, "sample/response": "text"}
+
+
+def test_text_fallback_prints_every_n_steps_and_a_summary(capsys):
+    board = LiveCurves({"env/score_mean": "reward", "objective/kl": "KL"}, every=2, total=5, notebook=False)
+    for step in range(1, 6):
+        board(None, entry(step, step / 10))
+    board.close()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(" | ")[0] for line in lines] == ["step 2/5", "step 4/5", "done: 5 steps in 0 s"]
+    assert "reward 0.4" in lines[1] and "KL 2" in lines[1] and "s/step" in lines[1]
+    assert "reward 0.1 -> 0.5" in lines[2] and "KL 0.5 -> 2.5" in lines[2]
+    board.close()  # a second close prints nothing more
+    assert capsys.readouterr().out == ""
+
+
+def test_figure_holds_every_point_of_every_series():
+    board = LiveCurves(["env/score_mean", "objective/kl"], every=100, notebook=False)
+    for step in range(1, 8):
+        board.callback("policy_pos")(None, entry(step, 1.0))
+        board.callback("policy_neg")(None, {"step": step, "env/score_mean": -1.0, "objective/kl": float("nan")})
+    fig = board.figure
+    reward_axis, kl_axis = fig.axes
+    assert [len(line.get_xdata()) for line in reward_axis.lines] == [7, 7]
+    assert [len(line.get_xdata()) for line in kl_axis.lines] == [7]  # NaN values are not drawn
+    assert [t.get_text() for t in reward_axis.get_legend().get_texts()] == ["policy_pos", "policy_neg"]
+
+
+def test_notebook_mode_updates_one_display_in_place(monkeypatch):
+    shown, updated = [], []
+
+    class Handle:
+        def update(self, obj, **kwargs):
+            updated.append(obj)
+
+    def fake_display(obj, raw=False, display_id=None):
+        shown.append(obj)
+        return Handle()
+
+    import IPython.display
+
+    monkeypatch.setattr(IPython.display, "display", fake_display)
+    board = LiveCurves({"env/score_mean": "reward"}, every=3, total=9, smooth=3, notebook=True)
+    for step in range(1, 10):
+        board(None, entry(step, step))
+    board.close()
+    assert len(shown) == 2  # one text line and one picture, created once
+    assert len(updated) == 2 * 3  # steps 6 and 9, then close: text + picture each time
+    texts = [u["text/plain"] for u in updated if isinstance(u, dict)]
+    assert texts[0].startswith("step 6/9") and texts[-1].startswith("done: 9 steps")
+    assert all(img.data.startswith(b"\x89PNG") for img in updated if not isinstance(img, dict))
+
+
+def test_hf_callback_feeds_logged_rows():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    board = LiveCurves({"loss": "training loss"}, every=100, notebook=False)
+    callback = board.hf_callback(close_at_end=False)
+    state = TrainerState()
+    state.max_steps, state.global_step = 30, 10
+    args = TrainingArguments(output_dir="unused", report_to="none")
+    callback.on_train_begin(args, state, TrainerControl())
+    callback.on_log(args, state, TrainerControl(), logs={"loss": 2.5, "learning_rate": 1e-3})
+    state.global_step = 20
+    callback.on_log(args, state, TrainerControl(), logs={"train_runtime": 3.0})
+    assert board.total == 30
+    assert board.points[""]["loss"] == [(10.0, 2.5)]
+
+
+def test_save_writes_a_png(tmp_path):
+    board = LiveCurves(["env/score_mean"], notebook=False)
+    board.add({"env/score_mean": 1.0})
+    board.save(tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(MarlInputError, match="at least one metric"):
+        LiveCurves([])
+    with pytest.raises(MarlInputError, match="positive integer"):
+        LiveCurves(["loss"], every=0)
+
+
+def test_ppo_diagnostics_draws_the_five_numbers():
+    history = [{key: 0.1 * step for key in PPO_DIAGNOSTICS} for step in range(10)]
+    fig = plot_ppo_diagnostics(history)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == list(PPO_DIAGNOSTICS.values())
+    assert set(PPO_DIAGNOSTICS) == {"ppo/policy/approxkl", "ppo/policy/clipfrac", "objective/kl_coef",
+                                    "ppo/val/explained_variance", "ppo/loss/value"}
+    with pytest.raises(MarlInputError, match="ppo/loss/value"):
+        plot_ppo_diagnostics([{k: 1.0 for k in PPO_DIAGNOSTICS if k != "ppo/loss/value"}])
+
+
+def test_roles_diagram_draws_four_roles_on_one_base(tmp_path):
+    fig = draw_roles_diagram(save_to=tmp_path / "roles.png")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for role, *_ in ROLES:
+        assert role in texts
+    assert sum("ONE base model" in t for t in texts) == 1  # drawn once, under every role
+    assert any("adapters\ndisabled" == t for t in texts)
+    png = (tmp_path / "roles.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(base64.b64encode(png)) > 10_000
