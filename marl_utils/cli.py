@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--time-budget", type=float, default=None,
                        help="seconds for the timed part, loading included; stops early (>= 2 steps) to fit")
     bench.add_argument("--timing-only", action="store_true", help="skip the memory part (a process per layout)")
+    bench.add_argument("--compare", default="marl,separate,critic_adapter",
+                       help="layouts timed against the compute floor, comma-separated")
     bench.add_argument("--profile-step", action="store_true",
                        help="also profile one training minibatch of PPOTrainer vs the compute floor")
     return parser
@@ -80,7 +82,8 @@ def run_command(args) -> int:
 
         run_bench(resolve_profile(args.profile), output_dir=args.output_dir, base_size=args.base_size,
                   steps=args.steps, precision=args.precision, device=args.device, time_budget=args.time_budget,
-                  memory=not args.timing_only, profile_step=args.profile_step)
+                  memory=not args.timing_only, profile_step=args.profile_step,
+                  compare=tuple(name for name in args.compare.split(",") if name))
         return 0
     profile = resolve_profile(args.profile)
     if args.base_model:
