@@ -329,7 +329,7 @@ def _memory_skipped(memory: bool, device: str, precision: str):
 def run_bench(profile, output_dir=None, base_size: str = "mid", steps: int = 5, layouts=None,
               precision: str = "fp32", device: str | None = None, threads: int | None = None, jobs: int = 1,
               memory: bool = True, memory_steps: int = 1, time_budget: float | None = None,
-              profile_step: bool = False, shape=None) -> dict:
+              profile_step: bool = False, shape=None, compare=None) -> dict:
     """Time the layouts against the compute floor (this process), then measure memory (a process per layout).
 
     `steps`: timed interleaved repeats (each one PPO step of the floor and of every layout) after a warm-up.
@@ -338,6 +338,7 @@ def run_bench(profile, output_dir=None, base_size: str = "mid", steps: int = 5, 
     `threads`: torch threads (default: $MARL_BENCH_THREADS, else torch's default; 1 gives steadier times on a
     busy machine). `jobs`: memory processes at once (keep 1 when their times matter). `time_budget`: seconds
     for the timing part, loading included. `shape`: a `bench_floor.StepShape` instead of the size's own.
+    `compare`: the layouts timed against the floor (default `bench_ratio.LAYOUTS`: marl, separate, critic_adapter).
     Writes OUT/bench.json and OUT/plots/bench.png; returns the json. Weights are random.
     """
     from .bench_layouts import BENCH_LORA, QUANTIZED_NOTE, RANDOM_WEIGHTS_NOTE, STEP_SHAPES
@@ -347,8 +348,14 @@ def run_bench(profile, output_dir=None, base_size: str = "mid", steps: int = 5, 
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .bench_ratio import LAYOUTS as TIMED
+
     layouts = list(layouts or DEFAULT_LAYOUTS.get(base_size, ()))
+    compare = tuple(TIMED if compare is None else compare)
     _check_arguments(base_size, steps, layouts, precision, device, jobs, time_budget, memory_steps)
+    unknown = [name for name in compare if name not in TIMED]
+    if unknown:
+        raise MarlInputError(f"compare={list(compare)}: {unknown} are not timed layouts; choose from {list(TIMED)}")
     if any(not name.endswith("fp32") for name in layouts) and _memory_skipped(memory, device, precision) is None:
         from .quantization import require_bitsandbytes
 
@@ -368,7 +375,7 @@ def run_bench(profile, output_dir=None, base_size: str = "mid", steps: int = 5, 
 
     with _torch_threads(threads):
         comparison = compare_to_floor(inputs, shape, precision=precision, device=device, steps=steps,
-                                      time_budget=time_budget)
+                                      layouts=compare, time_budget=time_budget)
         profiled = profile_minibatch(inputs, shape, precision=precision, device=device) if profile_step else None
     skipped = _memory_skipped(memory, device, precision)
     results = {} if skipped else _memory(layouts, inputs_file, memory_steps, threads, jobs)
@@ -380,7 +387,8 @@ def run_bench(profile, output_dir=None, base_size: str = "mid", steps: int = 5, 
         "new_tokens": shape.new_tokens, "threads": comparison["threads"], "jobs": jobs, "phases": PHASES,
         "floor_comparison": comparison, "profile_step": profiled,
         "layouts": results, "memory_skipped": skipped, "memory_steps": memory_steps, "ratios": ratios,
-        "checks": checks, "command": _command(base_size, steps, precision, device, memory, time_budget, profile_step),
+        "checks": checks, "command": _command(base_size, steps, precision, device, memory, time_budget, profile_step,
+                                           compare),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "load_average_before": load_before,
                     "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None},
@@ -438,10 +446,13 @@ def _code_version() -> dict:
             "changed_files": [line[3:] for line in dirty.stdout.splitlines()] if dirty.returncode == 0 else None}
 
 
-def _command(base_size, steps, precision, device, memory, time_budget, profile_step) -> str:
+def _command(base_size, steps, precision, device, memory, time_budget, profile_step, compare) -> str:
+    from .bench_ratio import LAYOUTS as TIMED_DEFAULT
+
     words = ["marl bench", f"--base-size {base_size}", f"--steps {steps}", f"--precision {precision}",
              f"--device {device}"]
     words += [] if memory else ["--timing-only"]
+    words += [] if tuple(compare) == TIMED_DEFAULT else [f"--compare {','.join(compare)}"]
     words += [] if time_budget is None else [f"--time-budget {time_budget:g}"]
     words += ["--profile-step"] if profile_step else []
     threads = os.environ.get("MARL_BENCH_THREADS")

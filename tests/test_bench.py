@@ -77,7 +77,7 @@ def test_peak_rss_can_be_restarted_after_loading():
 BAD_ARGUMENTS = [(dict(base_size="huge"), "base_size"), (dict(steps=0), "steps"),
                  (dict(layouts=["marl_fp16"]), "unknown layouts"), (dict(jobs=0), "jobs"),
                  (dict(precision="fp16"), "precision"), (dict(device="tpu"), "device"),
-                 (dict(time_budget=0), "time_budget")]
+                 (dict(time_budget=0), "time_budget"), (dict(compare=("marl", "trl")), "not timed layouts")]
 if not torch.cuda.is_available():
     BAD_ARGUMENTS.append((dict(device="cuda"), "no CUDA device"))
 
