@@ -291,9 +291,11 @@ def plot_ratios(ax, comparison: dict, title: str = "") -> None:
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         xs = [k + (i - (len(names) - 1) / 2) * width for k in range(len(keys))]
-        heights = [ratios[name][key] or 0.0 for key in keys]
-        bars = ax.bar(xs, heights, width=width, label=LABELS[name])
-        ax.bar_label(bars, fmt="%.2f", fontsize=6, rotation=90, padding=2)
+        values = [ratios[name][key] for key in keys]
+        bars = ax.bar(xs, [v or 0.0 for v in values], width=width, label=LABELS[name])
+        # no score timer: the reward pass ran inside the rollout forward, whose bar holds both
+        ax.bar_label(bars, labels=[f"{v:.2f}" if v is not None else "in rollout" for v in values], fontsize=6,
+                     rotation=90, padding=2)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="compute floor")
     ax.set_xticks(range(len(keys)), keys)
     ax.set_ylabel("seconds / floor's seconds (median)")

@@ -102,7 +102,7 @@ if [ -n "$to_install" ]; then
 fi
 have=$(ls "$WHEELS"/*.whl 2>/dev/null | wc -l)
 want=$(grep -cv '^\s*\(#\|$\)' "$LIST")
-imports=$("$PYTHON" - <<'EOF' 2>&1
+imports=$("$PYTHON" - <<'EOF' 2>/dev/null  # library warnings at import go; each failure is caught and named
 import importlib, sys
 names = ["torch", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes", "nbmake", "ipykernel",
          "matplotlib", "pandas", "marl_utils.bench", "marl_utils.ppo", "marl_utils.notebook_helpers"]
