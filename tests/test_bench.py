@@ -5,7 +5,6 @@ are produced, consistent with each other, and measure the same work."""
 import json
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
