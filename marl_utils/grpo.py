@@ -4,28 +4,21 @@
     trainer = build_trainer("grpo", model, tokenizer, prompts, grpo_settings(profile))   # or "rloo"
     trainer.train()                       # TRL's loop; the policy LoRA is the only thing that changes
 
-Every role still lives on one base: the policy is the LoRA adapter TRL trains, the reference is the same
-base with every adapter disabled, the reward is the frozen stage-2 adapter (`reward_adapter_reward`).
-There is no value head to train: GRPO compares each completion with the other completions of its prompt
-(advantage = (r - mean of the group) / std of the group), RLOO with the mean of the OTHER completions.
-
-What TRL 1.16 does with a peft model it is given, and what `build_trainer` does about it:
-- With a PeftModel and beta > 0 (RLOO: always) TRL adds an adapter "ref", a copy of "default", and uses it
-  as the reference. For a fresh policy LoRA that equals the base, for any other it does not; either way it
-  is one more adapter in memory. `build_trainer` deletes it, so TRL falls back to `disable_adapter()`: the
-  plain base, with the reward adapter disabled as well.
-- TRL turns gradient checkpointing and bf16 on by default; here both are off: the tiny base needs no
-  checkpointing, and under bf16 TRL's generate and the reward forward would run in another precision
-  than the training forward (the project's rule: one precision per step).
-- TRL's optimizer takes whatever `requires_grad` says when training starts; `build_trainer` checks that this
-  is exactly the policy LoRA, and the reward call restores those flags each time.
+Policy = the LoRA TRL trains, reference = the base with every adapter disabled, reward = the frozen stage-2
+adapter (`grpo_reward.py`). No value head: GRPO's baseline is the mean of the prompt's group of completions,
+RLOO's the mean of the OTHER completions of the group. Where TRL 1.16's defaults differ from that:
+- Given a PeftModel and beta > 0 (RLOO: any beta), TRL adds an adapter "ref", a copy of "default", as the
+  reference: the base only while the policy is fresh, and one more adapter in memory. `build_trainer`
+  deletes it; TRL then uses `disable_adapter()`, the plain base (the reward adapter is off there too).
+- Gradient checkpointing and bf16 are on by default; both off here (under bf16, TRL's generate and the
+  reward forward would run in another precision than the training forward: one precision per step).
+- TRL's optimizer takes every parameter with requires_grad; `build_trainer` checks that is the policy LoRA.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import tempfile
 import time
 import warnings
@@ -99,14 +92,16 @@ def grpo_settings(profile, **overrides) -> GRPOSettings:
     Same rounds, rollouts per round, minibatch and completion length as PPO, so the three runs sample the
     same number of tokens; `overrides` replace single fields (e.g. steps=2 in a quick test).
     """
-    pick = lambda name, default: getattr(profile, name, default)
+    def pick(name, default):
+        return getattr(profile, name, default)
+
     rollouts = pick("grpo_batch_size", profile.ppo_batch_size)
     settings = GRPOSettings(
         steps=pick("grpo_steps", profile.ppo_steps),
         rollouts_per_step=rollouts,
         num_generations=pick("grpo_num_generations", default_group_size(rollouts)),
         mini_batch_size=pick("grpo_mini_batch_size", profile.ppo_mini_batch_size),
-        num_iterations=pick("grpo_num_iterations", 2),
+        num_iterations=pick("grpo_num_iterations", 1),
         learning_rate=pick("grpo_learning_rate", profile.ppo_learning_rate),
         grpo_beta=pick("grpo_beta", 0.04),
         rloo_beta=pick("rloo_beta", profile.ppo_init_kl_coef),
@@ -154,15 +149,13 @@ def check_stage3(profile, algo: str, steps: int | None = None, resume: bool = Fa
     try:
         return grpo_settings(profile, steps=steps)
     except MarlInputError as err:
-        raise MarlInputError(f"profile {profile.name!r}: {err} (GRPO sizes follow the profile's ppo_* fields)") from None
+        raise MarlInputError(f"profile {profile.name!r}: {err} (GRPO sizes follow its ppo_* fields)") from None
 
 
 def trl_args(algo: str, settings: GRPOSettings, work_dir, seed: int = 0):
     """TRL's GRPOConfig / RLOOConfig for these settings, with its defaults overridden where they are wrong here."""
     from trl import GRPOConfig, RLOOConfig
 
-    if algo not in ALGOS:
-        raise MarlInputError(f"algo={algo!r} is unknown; use one of {ALGOS} (PPO is marl_utils.PPOTrainer)")
     cuda = torch.cuda.is_available()
     common = dict(
         output_dir=str(work_dir), seed=seed, max_steps=settings.optimizer_steps,
@@ -210,7 +203,7 @@ def quiet_trl():
             hf_logging.set_verbosity(verbosity)
 
 
-def use_base_as_reference(trainer, model) -> None:
+def use_base_as_reference(model) -> None:
     """Drop TRL's "ref" copy of the policy adapter: the reference becomes the base with every adapter disabled."""
     peft_model = model.pretrained_model
     if "ref" in peft_model.peft_config:
@@ -221,8 +214,8 @@ def use_base_as_reference(trainer, model) -> None:
 def check_only_policy_trains(model) -> None:
     """What TRL's optimizer will take (every parameter with requires_grad) must be the policy LoRA, nothing else."""
     policy = {id(p) for p in model.policy_parameters()}
-    trainable = [name for name, p in model.pretrained_model.named_parameters() if p.requires_grad]
-    extra = [name for name, p in model.pretrained_model.named_parameters() if p.requires_grad and id(p) not in policy]
+    trainable = [(name, id(p) in policy) for name, p in model.pretrained_model.named_parameters() if p.requires_grad]
+    extra = [name for name, is_policy in trainable if not is_policy]
     if extra or not trainable:
         raise MarlInputError(f"TRL would train {extra[:3] or 'nothing'} besides the policy adapter "
                              f"{model.active_adapter!r}; the reward adapter and the base must stay frozen. Load the "
@@ -253,10 +246,9 @@ def build_trainer(algo: str, model, tokenizer, prompts, settings: GRPOSettings, 
         trainer = trainer_class(model=model.pretrained_model, reward_funcs=[reward], args=args,
                                 train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks))
     reward.check_trains(trainer.model)
-    use_base_as_reference(trainer, model)
+    use_base_as_reference(model)
     check_only_policy_trains(model)
     replace_progress_bar(trainer, algo, progress)
-    trainer.marl_reward = reward
     return trainer
 
 
@@ -351,25 +343,72 @@ class GRPOResult:
     history: list = field(default_factory=list)
 
 
-def evaluator(profile, model, tokenizer, seed: int = 0):
-    """PPOTrainer's held-out evaluation (same prompts, sampling seed and measures as PPO), for any policy."""
+def evaluator(profile, model, tokenizer, seed: int = 0, steps: int | None = None):
+    """A PPOTrainer: PPO's trainer, and for GRPO / RLOO the held-out evaluation (same prompts, seed, measures)."""
     from .pipeline import ppo_config
     from .ppo import PPOTrainer
 
-    return PPOTrainer(ppo_config(profile, seed), model=model, tokenizer=tokenizer)
+    return PPOTrainer(ppo_config(profile, seed, steps), model=model, tokenizer=tokenizer)
+
+
+def run_on_one_base(algo: str, profile, out, dataset=None, *, seed: int = 0, steps: int | None = None,
+                    progress: bool = True) -> dict:
+    """One PPO / GRPO / RLOO run, measured the same way for all three (notebook 07's comparison).
+
+    Fresh parts (`build_ppo_parts`: stage-1 model, new policy LoRA, reward adapter), held-out evaluation before
+    and after, and only the training in between timed and its peak memory taken. Stages 1-2 must exist in `out`.
+    Returns the model and tokenizer (trained in place), `metrics` (json-ready, PPO's names) and the trainer.
+    """
+    from .pipeline import build_ppo_parts
+
+    settings = check_stage3(profile, algo, steps) if algo != "ppo" else grpo_settings(profile, steps=steps)
+    model, tokenizer, _, prompts, eval_prompts = build_ppo_parts(profile, out, dataset, seed, steps=settings.steps)
+    evaluation = evaluator(profile, model, tokenizer, seed, steps)
+    before = evaluation.evaluate(eval_prompts)
+    if algo == "ppo":
+        trainer = evaluation
+        with measure_cost(model.device) as cost:
+            trainer.train(prompts, progress=progress)
+        history, per_step = trainer.history, evaluation.config.batch_size
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"marl-{algo}-") as work_dir:
+            trainer = build_trainer(algo, model, tokenizer, prompts, settings, seed=seed, work_dir=work_dir,
+                                    progress=progress)
+            with quiet_trl(), measure_cost(model.device) as cost:
+                trainer.train()
+        history, per_step = round_history(trainer, settings), settings.rollouts_per_step
+    after = evaluation.evaluate(eval_prompts)
+    metrics = run_metrics(algo, before, after, cost, history, per_step, settings.max_new_tokens)
+    metrics.update(profile=profile.name, seed=seed,
+                   settings=settings.to_dict() if algo != "ppo" else evaluation.config.to_dict())
+    return {"model": model, "tokenizer": tokenizer, "trainer": trainer, "metrics": metrics}
+
+
+def run_metrics(algo: str, before: dict, after: dict, cost: dict, history: list, rollouts_per_step: int,
+                max_new_tokens: int) -> dict:
+    """The numbers of one run under train_ppo's names, from its evaluations, `measure_cost` and history."""
+    return {
+        "algo": algo, "train_seconds": cost["seconds"], "peak_memory_mb": cost["peak_memory_mb"],
+        "steps": len(history), "max_new_tokens": max_new_tokens, "rollouts": len(history) * rollouts_per_step,
+        "generated_tokens": round(sum(h["ppo/response_tokens_mean"] for h in history) * rollouts_per_step),
+        "eval_reward_before": before["reward_mean"], "eval_reward_after": after["reward_mean"],
+        "kl_final": after["kl_mean"], "response_tokens_mean": after["response_tokens_mean"],
+        "distinct_2_before": before["distinct_2"], "distinct_2_after": after["distinct_2"],
+        "samples_before": before["samples"], "samples_after": after["samples"], "history": history,
+    }
 
 
 def train_grpo(profile, output_dir=None, dataset=None, *, algo: str = "grpo", seed: int = 0, force: bool = False,
                steps: int | None = None, progress: bool = True) -> GRPOResult:
-    """Run GRPO (or RLOO) on the one base into `OUT/grpo/` (`OUT/rloo/`), building stages 1-2 if missing.
+    """`marl grpo`: GRPO (or RLOO) on the one base into `OUT/grpo/` (`OUT/rloo/`), building stages 1-2 if missing.
 
     Same model parts, prompts and held-out evaluation as `train_ppo`, so the metrics compare one to one.
     """
     from .atomic import atomic_dir
-    from .pipeline import build_ppo_parts, check_ppo_settings, ensure_earlier_stages
+    from .pipeline import check_ppo_settings, ensure_earlier_stages
     from .runs import prepare_run_dir, read_metrics, stage_dir
 
-    settings = check_stage3(profile, algo, steps)
+    check_stage3(profile, algo, steps)
     out = prepare_run_dir(output_dir, profile)
     final = stage_dir(out, algo)
     if final.exists() and not force:
@@ -378,38 +417,14 @@ def train_grpo(profile, output_dir=None, dataset=None, *, algo: str = "grpo", se
         return GRPOResult(final, metrics, metrics.get("history", []))
     check_ppo_settings(profile, out, seed)  # prompt lengths and context: the same prompts as PPO
     ensure_earlier_stages(profile, out, dataset, seed, progress)
-
     start = time.perf_counter()
-    model, tokenizer, _, prompts, eval_prompts = build_ppo_parts(profile, out, dataset, seed, steps=settings.steps)
-    evaluation = evaluator(profile, model, tokenizer, seed)
-    before = evaluation.evaluate(eval_prompts)
-    work_dir = Path(tempfile.mkdtemp(prefix=f"marl-{algo}-"))
-    try:
-        trainer = build_trainer(algo, model, tokenizer, prompts, settings, seed=seed, work_dir=work_dir,
-                                progress=progress)
-        with quiet_trl(), measure_cost(model.device) as cost:
-            trainer.train()
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    after = evaluation.evaluate(eval_prompts)
-    history = round_history(trainer, settings)
-    metrics = {
-        "profile": profile.name, "algo": algo, "seed": seed,
-        "seconds": round(time.perf_counter() - start, 2), "train_seconds": cost["seconds"],
-        "peak_memory_mb": cost["peak_memory_mb"], "steps": len(history), "max_new_tokens": settings.max_new_tokens,
-        "rollouts": settings.steps * settings.rollouts_per_step,
-        "generated_tokens": round(sum(h["ppo/response_tokens_mean"] for h in history) * settings.rollouts_per_step),
-        "eval_reward_before": before["reward_mean"], "eval_reward_after": after["reward_mean"],
-        "kl_final": after["kl_mean"], "response_tokens_mean": after["response_tokens_mean"],
-        "distinct_2_before": before["distinct_2"], "distinct_2_after": after["distinct_2"],
-        "samples_before": before["samples"], "samples_after": after["samples"],
-        "settings": settings.to_dict(), "history": history,
-    }
+    run = run_on_one_base(algo, profile, out, dataset, seed=seed, steps=steps, progress=progress)
+    metrics = {**run["metrics"], "seconds": round(time.perf_counter() - start, 2)}
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp)  # the policy adapter (+ its untouched value head): reload with from_pretrained
-        tokenizer.save_pretrained(tmp)
+        run["model"].save_pretrained(tmp)  # the policy adapter (+ its untouched value head), for from_pretrained
+        run["tokenizer"].save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-    print(f"stage 3 ({algo.upper()}) done in {metrics['seconds']:.0f}s: eval reward {metrics['eval_reward_before']:.2f} -> "
-          f"{metrics['eval_reward_after']:.2f}, KL {metrics['kl_final']:.2f} nats, "
-          f"{metrics['response_tokens_mean']:.1f} tokens/response -> {final}")
-    return GRPOResult(final, metrics, history)
+    print(f"stage 3 ({algo.upper()}) done in {metrics['seconds']:.0f}s: eval reward "
+          f"{metrics['eval_reward_before']:.2f} -> {metrics['eval_reward_after']:.2f}, KL {metrics['kl_final']:.2f} "
+          f"nats, {metrics['response_tokens_mean']:.1f} tokens/response -> {final}")
+    return GRPOResult(final, metrics, metrics["history"])

@@ -199,6 +199,13 @@ def test_no_reward_adapter_or_another_base_is_refused_before_training(parts, tok
         reward(prompts=[[{"role": "user", "content": "hi"}]], completions=["x"], completion_ids=[[5]])
 
 
+def test_an_unfrozen_base_weight_is_refused(parts, tokenizer):
+    model = load(parts)
+    model.pretrained_model.get_base_model().model.embed_tokens.weight.requires_grad_(True)
+    with pytest.raises(MarlInputError, match="TRL would train .*embed_tokens"):
+        build_trainer("grpo", model, tokenizer, prompts(tokenizer), SMALL, progress=False)
+
+
 def test_wrapped_models_unwrap(parts, tokenizer, tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -251,6 +258,9 @@ def test_marl_grpo_and_run_algo_write_their_folders(tmp_path, monkeypatch):
             "generated_tokens", "distinct_2_after", "history", "settings"} <= set(metrics)
     assert (out / "grpo" / "marl_model.json").exists() and (out / "grpo" / "adapter_model.safetensors").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary folders left behind"
+    stamp = (out / "grpo" / "metrics.json").stat().st_mtime_ns
+    assert main(["grpo", "--profile", "tiny", "--output-dir", str(out)]) == 0
+    assert (out / "grpo" / "metrics.json").stat().st_mtime_ns == stamp, "a finished stage is reused"
     assert main(["run", "--algo", "rloo", "--profile", "tiny", "--output-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["algo"] == "rloo" and (out / "rloo" / "metrics.json").exists()
