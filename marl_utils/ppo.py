@@ -112,6 +112,11 @@ class PPOTrainer:
         """Where the trainer works and where its outputs (responses, scores) live."""
         return self.accelerator.device
 
+    @property
+    def forward_rows(self) -> int:
+        """Rows per no-grad forward (PPOConfig.forward_batch_size, default the whole batch)."""
+        return self.config.forward_batch_size or self.config.batch_size
+
     def _choose_fused_rollout(self) -> bool:
         """One batched forward for policy + reference (+ reward) rows, or separate passes: see rollout.py.
 
@@ -168,8 +173,8 @@ class PPOTrainer:
         self._activate_policy()
         scores = []
         with self.accelerator.autocast():
-            for start in range(0, len(queries), self.config.mini_batch_size):
-                end = start + self.config.mini_batch_size
+            for start in range(0, len(queries), self.forward_rows):
+                end = start + self.forward_rows
                 batch = build_rollout_batch(queries[start:end], responses[start:end], self.pad_token_id,
                                             device=self.device)
                 scores.append(self.model.compute_reward_score(
@@ -182,7 +187,7 @@ class PPOTrainer:
 
         `with_reward` also scores the rows with the reward adapter in the same fused forward (train() uses it).
         """
-        chunk = self.config.mini_batch_size
+        chunk = self.forward_rows
         with torch.no_grad(), self.accelerator.autocast():
             if self.fuse_rollout:
                 with eval_mode(self.model):  # peft runs per-row adapters in eval mode only; dropout is off there
@@ -200,7 +205,7 @@ class PPOTrainer:
         scores = []
         with self.accelerator.autocast():
             rows_all = torch.arange(batch["input_ids"].shape[0], device=self.device)
-            for rows in rows_all.split(self.config.mini_batch_size):
+            for rows in rows_all.split(self.forward_rows):
                 scores.append(self.model.compute_reward_score(
                     input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
                     position_ids=batch["position_ids"][rows], ppo_adapter_name=self.policy_adapter_name))

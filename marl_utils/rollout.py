@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .forward_modes import eval_mode
-from .ppo_core import entropy_from_logits, logprobs_from_logits
+from .ppo_core import entropy_from_log_probs, log_probs_and_picked
 
 
 @dataclass
@@ -41,15 +41,17 @@ def response_view(batch: dict) -> tuple[int, torch.Tensor, torch.Tensor]:
 
 
 def logprobs_at_responses(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
-    """logits [b,R+1,V] of the last R+1 positions -> (logprobs [b,R], logits / T [b,R,V])."""
+    """logits [b,R+1,V] of the last R+1 positions -> (logprobs [b,R], log-softmax of logits / T [b,R,V])."""
     logits = logits[:, :-1].float()  # the logits at t predict token t+1
     if temperature != 1.0:
         logits = logits / temperature
-    return logprobs_from_logits(logits, targets), logits
+    log_probs, picked = log_probs_and_picked(logits, targets)
+    return picked, log_probs
 
 
-def policy_forward(model, batch: dict, rows, temperature: float, with_values: bool = True):
-    """(logprobs [b,R], values [b,R] or None, logits / T [b,R,V]) of `rows` under `model`'s active policy.
+def policy_forward(model, batch: dict, rows, temperature: float, with_values: bool = True,
+                   with_entropy: bool = False):
+    """(logprobs [b,R], values [b,R] or None, entropy [b,R] or None) of `rows` under `model`'s active policy.
 
     `model` is the multi-adapter model, or its DDP-wrapped copy for training forwards.
     """
@@ -57,9 +59,9 @@ def policy_forward(model, batch: dict, rows, temperature: float, with_values: bo
     out = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
                 position_ids=batch["position_ids"][rows], logits_to_keep=width + 1)
     logits = out[0] if isinstance(out, tuple) else out.logits
-    logprobs, logits = logprobs_at_responses(logits, targets[rows], temperature)
+    logprobs, log_probs = logprobs_at_responses(logits, targets[rows], temperature)
     values = out[2][:, -width - 1:-1] if with_values else None
-    return logprobs, values, logits
+    return logprobs, values, entropy_from_log_probs(log_probs) if with_entropy else None
 
 
 @torch.no_grad()
@@ -84,9 +86,9 @@ def separate_rollout(model, policy, batch: dict, chunk: int, temperature: float,
     _, mask, _ = response_view(batch)
     parts = []
     for rows in torch.arange(mask.shape[0], device=mask.device).split(chunk):
-        logprobs, values, logits = policy_forward(policy, batch, rows, temperature)
+        logprobs, values, entropy = policy_forward(policy, batch, rows, temperature, with_entropy=True)
         ref_logprobs = reference_forward(model, batch, rows, temperature, ref_model)
-        parts.append((logprobs, values, ref_logprobs, entropy_from_logits(logits)))
+        parts.append((logprobs, values, ref_logprobs, entropy))
     logprobs, values, ref_logprobs, entropy = (torch.cat(p) for p in zip(*parts))
     return Rollout(logprobs, values, ref_logprobs, entropy, mask)
 
@@ -135,7 +137,7 @@ def fused_rollout(model, batch: dict, chunk: int, temperature: float, with_rewar
             hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions,
                           use_cache=False).last_hidden_state  # [len(roles)*n, W, H]
             logits = lm_head(hidden[:2 * n, -width - 1:])  # policy + reference rows, response positions
-        logprobs, scaled = logprobs_at_responses(logits[:n], targets[rows], temperature)
+        logprobs, log_probs = logprobs_at_responses(logits[:n], targets[rows], temperature)
         ref_logprobs, _ = logprobs_at_responses(logits[n:2 * n], targets[rows], temperature)
         value_rows = hidden[-n:] if critic else hidden[:n]
         values = model.v_head(value_rows[:, -width - 1:-1])
@@ -145,7 +147,7 @@ def fused_rollout(model, batch: dict, chunk: int, temperature: float, with_rewar
             at = model.reward_token_index(ids[2 * n:3 * n], attention[2 * n:3 * n])
             picked = reward_hidden[torch.arange(n, device=at.device), at]  # [n,H]
             scores = model.reward_head(picked.to(model.reward_head.weight.dtype)).squeeze(-1).float()
-        parts.append((logprobs, values, ref_logprobs, entropy_from_logits(scaled), scores))
+        parts.append((logprobs, values, ref_logprobs, entropy_from_log_probs(log_probs), scores))
     logprobs, values, ref_logprobs, entropy, scores = zip(*parts)
     return Rollout(torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs), torch.cat(entropy), mask,
                    torch.cat(scores) if with_reward else None)
