@@ -13,6 +13,7 @@ RLOO's the mean of the OTHER completions of the group. Where TRL 1.16's defaults
 - Gradient checkpointing and bf16 are on by default; both off here (under bf16, TRL's generate and the
   reward forward would run in another precision than the training forward: one precision per step).
 - TRL's optimizer takes every parameter with requires_grad; `build_trainer` checks that is the policy LoRA.
+- TRL's logprob forwards pass no position ids; `build_trainer` makes them follow the mask, as in generate().
 """
 
 from __future__ import annotations
@@ -211,6 +212,27 @@ def use_base_as_reference(model) -> None:
     model.set_policy_adapter(model.active_adapter)  # peft's add/delete move requires_grad flags; put them back
 
 
+def positions_follow_the_mask(peft_model) -> None:
+    """Give every forward of the peft model position ids from its attention mask when the caller passes none.
+
+    TRL samples with generate(), which numbers left-padded prompts from their first real token, but computes
+    old, reference and training logprobs with `model(input_ids, attention_mask)` alone, which numbers from the
+    first pad. Rotary positions (Llama) only see differences, so nothing changes there; learned absolute
+    positions (GPT-2) would be scored at other positions than they were sampled at.
+    """
+    from .modeling import position_ids_from_mask
+
+    def add_positions(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if kwargs.get("position_ids") is None and not args and torch.is_tensor(mask) and mask.dim() == 2 \
+                and kwargs.get("past_key_values") is None:
+            kwargs["position_ids"] = position_ids_from_mask(mask)
+        return args, kwargs
+
+    if getattr(peft_model, "_marl_position_hook", None) is None:
+        peft_model._marl_position_hook = peft_model.register_forward_pre_hook(add_positions, with_kwargs=True)
+
+
 def check_only_policy_trains(model) -> None:
     """What TRL's optimizer will take (every parameter with requires_grad) must be the policy LoRA, nothing else."""
     policy = {id(p) for p in model.policy_parameters()}
@@ -247,6 +269,7 @@ def build_trainer(algo: str, model, tokenizer, prompts, settings: GRPOSettings, 
                                 train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks))
     reward.check_trains(trainer.model)
     use_base_as_reference(model)
+    positions_follow_the_mask(model.pretrained_model)
     check_only_policy_trains(model)
     replace_progress_bar(trainer, algo, progress)
     return trainer

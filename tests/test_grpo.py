@@ -193,10 +193,36 @@ def test_no_reward_adapter_or_another_base_is_refused_before_training(parts, tok
     with pytest.raises(MarlInputError, match="no reward score head"):
         reward_adapter_reward(bare.pretrained_model, tokenizer)  # a bare PeftModel: the head is not on it
     reward = reward_adapter_reward(load(parts), tokenizer)
+    with pytest.warns(UserWarning, match="records base_model_name_or_path"):
+        other = load(parts, base="other")  # the adapter loads on another base of its shape, with a warning
     with pytest.raises(MarlInputError, match="not the peft model holding the reward adapter"):
-        reward.check_trains(load(parts, base="other").pretrained_model)
+        reward.check_trains(other.pretrained_model)
     with pytest.raises(MarlInputError, match="conversational"):
         reward(prompts=[[{"role": "user", "content": "hi"}]], completions=["x"], completion_ids=[[5]])
+
+
+def test_trl_logprobs_of_a_left_padded_row_equal_the_unpadded_row(tmp_path, tokenizer):
+    """GPT-2 has learned absolute positions: without position ids from the mask, a padded row is scored elsewhere."""
+    from stand_ins import make_tiny_gpt2
+
+    base = make_tiny_gpt2(tmp_path / "gpt2")
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS["gpt2"], task_type="CAUSAL_LM")
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(
+        str(base), peft_config=lora,
+        reward_adapter=str(make_reward_adapter(base, tmp_path / "rm", target_modules=["c_attn"])))
+    trainer = build_trainer("grpo", model, tokenizer, prompts(tokenizer), SMALL, progress=False)
+    row = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), row], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(row)], dim=1)
+
+    def logprobs(ids, attention_mask):
+        with torch.no_grad():
+            return trainer._get_per_token_logps_and_entropies(model.pretrained_model, ids, attention_mask, 3, 1)[0]
+
+    unpadded = logprobs(row, torch.ones_like(row))
+    assert torch.allclose(logprobs(padded, mask), unpadded, atol=1e-5)
+    model.pretrained_model._marl_position_hook.remove()  # TRL's own numbering, from the first pad
+    assert not torch.allclose(logprobs(padded, mask), unpadded, atol=1e-3)
 
 
 def test_an_unfrozen_base_weight_is_refused(parts, tokenizer):
