@@ -304,7 +304,8 @@ def build_rollout_batch(queries, responses, pad_token_id: int, device=None) -> d
     width = input_ids.shape[1]
     response_mask = torch.zeros(len(queries), width - 1, device=device)
     for row, response in enumerate(responses):
-        response_mask[row, width - 1 - len(response):] = 1.0  # every row ends with its response
+        if len(response):  # every row ends with its response
+            response_mask[row, width - 1 - len(response):] = 1.0
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "position_ids": position_ids_from_attention_mask(attention_mask), "response_mask": response_mask,
             "response_width": max(len(r) for r in responses)}
