@@ -126,6 +126,26 @@ class Profile:
     """If the eval reward gain is below this, stage 3 says it learned almost nothing (and why) at its end and
     in summary.json; meant to hold for any dataset."""
 
+    # Notebook 06: three critics side by side (shared head, critic adapter, critic from the reward adapter)
+    critic_ppo_steps: int = 30
+    """PPO steps of each of the three runs of notebook 06 (and scripts/critic_seeds.py): three runs must fit
+    the notebook's CI budget of 4 minutes on 2 cores."""
+    critic_window: int = 10
+    """Steps averaged for the "first" and "last" value loss and explained variance of notebook 06."""
+    critic_min_reward_gain: float = 1.25
+    """Bar of notebook 06: every critic's eval reward gain is at least this (tiny, 3 seeds x 30 steps: 1.47 to
+    1.92), ..."""
+    critic_max_kl: float = 15.0
+    """... its final KL (nats/sequence) at most this (tiny: 7.0 to 11.5), ..."""
+    critic_min_early_ev_lead: float = 0.15
+    """... and over the first `critic_window` steps, the critic started from the reward adapter explains at least
+    this much more of the returns' variance than the fresh critic adapter: it already knows what scores well
+    (tiny, 3 seeds: 0.32 to 0.42 more)."""
+    critic_max_memory_share: float = 0.25
+    """Bar of notebook 06: a critic adapter (LoRA + value head) adds at most this share of the base's bytes. The
+    tiny base has ~0.8M weights, so the copied critic, shaped like the reward adapter (r=16 on every linear
+    layer and the input embeddings), is 18% of it (a fresh one, r=16 on q/v: 3%); on gpt2 ~2%."""
+
     lora_target_modules: tuple[str, ...] | None = None
     """None lets peft pick the usual attention projections for the architecture."""
     tiny_model: dict = field(default_factory=dict)
@@ -208,6 +228,15 @@ PROFILES: dict[str, Profile] = {
         ppo_multi_max_neg_change=-0.5,
         ppo_multi_min_separation=1.5,
         ppo_no_learning_gain=0.25,
+        # Notebook 06: estimates until a GPU run measures them. 3 x 100 steps of batch 128 (about 3 hours on a
+        # T4, estimated from notebook 03's 194 steps). A fresh critic LoRA (r=16 on c_attn) is ~0.5% of gpt2, the
+        # copy of the reward adapter (r=16 on every linear layer) ~1.9%.
+        critic_ppo_steps=100,
+        critic_window=10,
+        critic_min_reward_gain=0.5,
+        critic_max_kl=15.0,
+        critic_min_early_ev_lead=0.05,
+        critic_max_memory_share=0.03,
     ),
 }
 
