@@ -64,6 +64,11 @@ class Profile:
     reward_eval_prefix_tokens: int = 24
     reward_lora_r: int = 16
     reward_lora_alpha: int = 32
+    reward_lora_embeddings: bool = True
+    """Also give the input embeddings a LoRA in the reward adapter (besides every linear layer). A base trained
+    from scratch on little text has word vectors that barely encode sentiment ("dull" and "superb" follow the
+    same words), and LoRA on the linear layers alone cannot move them: on data/short_reviews.csv, held-out
+    accuracy 0.49 without, 0.79 with. A pretrained base (gpt2) does not need it."""
     reward_epochs: float = 1.0
     """Fewest passes over the training pairs (more when `reward_pair_budget` asks for them)."""
     reward_pair_budget: int | None = 4000
@@ -184,6 +189,7 @@ PROFILES: dict[str, Profile] = {
         sft_min_perplexity_drop=0.9,
         sft_no_learning_ratio=0.98,  # a pretrained base whose perplexity does not move at all learned nothing
         reward_max_length=256,
+        reward_lora_embeddings=False,
         reward_epochs=1.0,
         reward_pair_budget=None,
         reward_batch_size=16,

@@ -16,7 +16,7 @@ The stage is three steps, so that notebook 02 can build the `RewardTrainer` in a
     inputs = prepare_reward(profile, OUT)                    # pairs, classifier, untrained accuracy
     args = reward_config(profile, inputs.work_dir, epochs=inputs.epochs)
     trainer = RewardTrainer(model=inputs.model, args=args, train_dataset=inputs.train_dataset,
-                            processing_class=inputs.tokenizer, peft_config=reward_lora_config(profile))
+                            processing_class=inputs.tokenizer, peft_config=reward_lora_config(profile, inputs.model))
     one_progress_bar(trainer)
     trainer.train()
     result = finish_reward(inputs, trainer)                  # held-out accuracy, save OUT/reward_adapter/
@@ -137,7 +137,30 @@ def pairwise_accuracy(model, tokenizer, pairs, *, prefix_tokens=None, max_length
     return (chosen > rejected).float().mean().item()
 
 
-def reward_lora_config(profile: Profile):
+def reward_target_modules(profile: Profile, model=None):
+    """The layers the reward LoRA adapts: `profile.lora_target_modules`, else every linear layer of the body
+    ("all-linear"); plus the input embeddings when `profile.reward_lora_embeddings` (then `model`, the
+    classifier from `prepare_reward`, is needed to name its layers)."""
+    if not profile.reward_lora_embeddings:
+        return list(profile.lora_target_modules) if profile.lora_target_modules else "all-linear"
+    if model is None:
+        raise MarlInputError("reward_lora_embeddings=True: pass the model (reward_lora_config(profile, "
+                             "inputs.model)) so the embedding layer can be named")
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    names = set(profile.lora_target_modules or ())
+    if not names:  # what peft's "all-linear" picks: every linear layer except the classifier head
+        head = {"score", "classifier", "lm_head"}
+        names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                 if isinstance(module, (nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] not in head}
+    embeddings = model.get_input_embeddings()
+    names |= {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is embeddings}
+    return sorted(names)
+
+
+def reward_lora_config(profile: Profile, model=None):
+    """peft's LoraConfig of the reward adapter (`model`: the classifier, needed when embeddings are adapted)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -146,7 +169,7 @@ def reward_lora_config(profile: Profile):
         lora_alpha=profile.reward_lora_alpha,
         lora_dropout=0.0,
         bias="none",
-        target_modules=list(profile.lora_target_modules) if profile.lora_target_modules else "all-linear",
+        target_modules=reward_target_modules(profile, model),
     )
 
 
@@ -312,7 +335,8 @@ def finish_reward(inputs: RewardInputs, trainer) -> RewardResult:
     metrics["learning_note"] = reward_learning_note(profile, metrics)
     final = stage_dir(inputs.out, "reward_adapter")
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp)
+        # LoRA on the embeddings does not change them: the base copy peft would add to the file is OUT/sft's.
+        model.save_pretrained(tmp, save_embedding_layers=False)
         tokenizer.save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"stage 2 (reward adapter) done in {metrics['seconds']:.0f}s: held-out accuracy "
@@ -367,7 +391,8 @@ def train_reward_adapter(profile: Profile, output_dir=None, dataset=None, *, sft
         args = reward_config(profile, inputs.work_dir, seed, epochs=inputs.epochs)
         with quiet_trainer_setup():
             trainer = RewardTrainer(model=inputs.model, args=args, train_dataset=inputs.train_dataset,
-                                    processing_class=inputs.tokenizer, peft_config=reward_lora_config(profile))
+                                    processing_class=inputs.tokenizer,
+                                    peft_config=reward_lora_config(profile, inputs.model))
         one_progress_bar(trainer, enabled=progress, desc="reward adapter")
         trainer.train()
     finally:

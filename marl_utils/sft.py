@@ -24,7 +24,6 @@ import math
 import shutil
 import tempfile
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,15 +86,13 @@ def training_device():
 
 @contextlib.contextmanager
 def quiet_trainer_setup():
-    """Silence what building a TRL trainer prints that the learner did not cause and cannot act on.
+    """Silence what building a TRL trainer prints that the learner did not cause and cannot act on: the datasets
+    progress bars of SFTTrainer's preprocessing ("Adding EOS", "Tokenizing", ...) and transformers' info/warning
+    log lines while loading (per-key load reports). Both are restored on exit.
 
-    - the datasets progress bars of SFTTrainer's preprocessing ("Adding EOS", "Tokenizing", ...);
-    - transformers' info/warning log lines while loading (per-key load reports);
-    - one FutureWarning: peft reads the deprecated `model.is_gradient_checkpointing` property when it wraps
-      a model in an adapter (RewardTrainer's `peft_config=`, `PeftModel.from_pretrained`). Our own configs use
-      the new name (`activation_checkpointing`), so the other deprecation message never appears;
-    - peft's notice that GPT-2's fused `Conv1D` layers need `fan_in_fan_out=True` (peft sets it itself).
-    Everything is restored on exit.
+    Library *warnings* are not filtered here but in `marl_utils.known_warnings`, the one place for them. Our own
+    configs use transformers' new name `activation_checkpointing`, so its `gradient_checkpointing` deprecation
+    warning never appears.
     """
     import datasets
     from transformers.utils import logging as hf_logging
@@ -105,12 +102,7 @@ def quiet_trainer_setup():
     hf_logging.set_verbosity_error()
     datasets.disable_progress_bars()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
-                                    category=FutureWarning)
-            warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False but the target module is "
-                                    r"`Conv1D`", category=UserWarning)
-            yield
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars_were_on:

@@ -193,7 +193,7 @@ def test_reward_in_steps_equals_train_reward_adapter(small_run, tmp_path):
     with quiet_trainer_setup():
         trainer = RewardTrainer(model=inputs.model, args=reward_config(SMALL, inputs.work_dir, epochs=inputs.epochs),
                                 train_dataset=inputs.train_dataset, processing_class=inputs.tokenizer,
-                                peft_config=reward_lora_config(SMALL))
+                                peft_config=reward_lora_config(SMALL, inputs.model))
     one_progress_bar(trainer, enabled=False)
     trainer.train()
     result = finish_reward(inputs, trainer)
@@ -205,8 +205,11 @@ def test_stage_logs_are_one_bar_and_a_summary_without_library_warnings(tmp_path,
     """No loss dicts on screen (the rows stay in log_history), no FutureWarnings the learner did not cause."""
     import warnings
 
+    from marl_utils.known_warnings import silence_known_library_warnings
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        silence_known_library_warnings()  # what `import marl_utils` installs, the one place for such filters
         sft = train_sft(SMALL, tmp_path / "run")
         reward = train_reward_adapter(SMALL, tmp_path / "run")
     printed = capsys.readouterr()
