@@ -31,6 +31,9 @@ def bases(tmp_path_factory):
         base = MAKE_BASE[kind](root / kind)
         made[kind] = types.SimpleNamespace(kind=kind, base=str(base),
                                            adapter=str(make_reward_adapter(base, root / f"{kind}_rm")))
+    embed_base = MAKE_BASE["llama"](root / "embed")  # stage 2 also adapts the input embeddings (LoRA on them)
+    made["embed"] = types.SimpleNamespace(kind="llama", base=str(embed_base), adapter=str(make_reward_adapter(
+        embed_base, root / "embed_rm", target_modules=["q_proj", "v_proj", "embed_tokens"])))
     pad_is_eos = MAKE_BASE["llama"](root / "pad_is_eos")
     config = AutoConfig.from_pretrained(pad_is_eos)
     config.pad_token_id = config.eos_token_id
@@ -77,7 +80,7 @@ def assert_same(fused, separate, atol=1e-6):
     assert torch.equal(fused.mask, separate.mask)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "embed"])
 def test_fused_equals_separate_on_left_padded_rows(bases, kind):
     tok = make_tokenizer()
     batch = rollout_batch(tok)
