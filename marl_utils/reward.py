@@ -334,7 +334,7 @@ def finish_reward(inputs: RewardInputs, trainer) -> RewardResult:
     }
     metrics["learning_note"] = reward_learning_note(profile, metrics)
     final = stage_dir(inputs.out, "reward_adapter")
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp, quiet_trainer_setup():
         # LoRA on the embeddings does not change them: the base copy peft would add to the file is OUT/sft's.
         model.save_pretrained(tmp, save_embedding_layers=False)
         tokenizer.save_pretrained(tmp)

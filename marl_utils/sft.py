@@ -86,9 +86,10 @@ def training_device():
 
 @contextlib.contextmanager
 def quiet_trainer_setup():
-    """Silence what building a TRL trainer prints that the learner did not cause and cannot act on: the datasets
-    progress bars of SFTTrainer's preprocessing ("Adding EOS", "Tokenizing", ...) and transformers' info/warning
-    log lines while loading (per-key load reports). Both are restored on exit.
+    """Silence what building a TRL trainer (or loading / saving a model) prints that the learner did not cause and
+    cannot act on: the datasets progress bars of SFTTrainer's preprocessing ("Adding EOS", "Tokenizing", ...),
+    transformers' "Loading weights" / "Writing model shards" bars and its info/warning log lines (per-key load
+    reports). All are restored on exit, so the stage shows one progress bar: training's.
 
     Library *warnings* are not filtered here but in `marl_utils.known_warnings`, the one place for them. Our own
     configs use transformers' new name `activation_checkpointing`, so its `gradient_checkpointing` deprecation
@@ -99,14 +100,18 @@ def quiet_trainer_setup():
 
     verbosity = hf_logging.get_verbosity()
     bars_were_on = not datasets.are_progress_bars_disabled()
+    hf_bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars_were_on:
             datasets.enable_progress_bars()
+        if hf_bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 class LossProgressBar(TrainerCallback):
@@ -168,7 +173,8 @@ def ensure_base(profile: Profile, out: Path, train_texts) -> str:
         sizes = dict(profile.tiny_model)
         vocab_size = sizes.pop("vocab_size", 2048)
         print(f"building the tiny base (tokenizer + Llama-style model) in {base_dir}")
-        build_tiny_base(base_dir, train_texts, vocab_size=vocab_size, **sizes)
+        with quiet_trainer_setup():
+            build_tiny_base(base_dir, train_texts, vocab_size=vocab_size, **sizes)
     return str(base_dir)
 
 
@@ -358,7 +364,7 @@ def finish_sft(inputs: SFTInputs, trainer) -> SFTResult:
     }
     metrics["learning_note"] = sft_learning_note(profile, metrics)
     final = stage_dir(inputs.out, "sft")
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp, quiet_trainer_setup():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -55,3 +55,64 @@ def test_run_dir_refuses_unknown_stage_folders(tmp_path):
     (tmp_path / "sft").mkdir()
     with pytest.raises(MarlInputError, match="no run.json"):
         prepare_run_dir(tmp_path, PROFILES["tiny"])
+
+
+# ---------------------------------------------------------------------------------------------- profile fields
+NOTEBOOK_BARS = ["sft_max_perplexity", "sft_min_perplexity_drop", "reward_min_accuracy", "reward_min_prefix_accuracy",
+                 "ppo_min_reward_gain", "ppo_max_kl", "ppo_min_response_tokens", "ppo_quantized_min_reward_gain",
+                 "ppo_quantized_max_kl", "ppo_multi_min_gain", "ppo_multi_max_neg_change", "ppo_multi_min_separation"]
+NEW_FIELDS = NOTEBOOK_BARS[1:2] + NOTEBOOK_BARS[6:] + [
+    "sft_token_budget", "sft_max_epochs", "sft_no_learning_ratio", "reward_pair_budget", "reward_max_epochs",
+    "reward_no_learning_accuracy", "reward_lora_embeddings", "ppo_value_head_learning_rate", "ppo_no_learning_gain"]
+
+
+def test_every_new_field_has_a_docstring():
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(profiles.Profile)).body[0].body
+    documented = {stmt.target.id for stmt, after in zip(body, body[1:])
+                  if isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr)
+                  and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)}
+    assert set(NEW_FIELDS) <= documented, sorted(set(NEW_FIELDS) - documented)
+
+
+def test_tiny_bars_are_the_numbers_the_notebooks_asserted():
+    tiny = PROFILES["tiny"]
+    assert (tiny.sft_min_perplexity_drop, tiny.ppo_quantized_min_reward_gain, tiny.ppo_quantized_max_kl) == (0.1, 1.5, 20)
+    assert (tiny.ppo_multi_min_gain, tiny.ppo_multi_max_neg_change, tiny.ppo_multi_min_separation) == (1.0, -0.5, 2.5)
+    assert tiny.ppo_min_response_tokens == 15 == 3 * tiny.ppo_max_new_tokens // 4
+
+
+def test_gpt2_bars_fit_a_pretrained_base_and_lora_settings():
+    tiny, gpu = PROFILES["tiny"], PROFILES["gpt2-imdb"]
+    assert tiny.sft_min_perplexity_drop < 0.5 < gpu.sft_min_perplexity_drop < 1.0, "pretrained: must drop, not 10x"
+    assert gpu.ppo_learning_rate == pytest.approx(10 * 1.41e-5), "LoRA: ~10x gpt2-sentiment's full fine-tuning rate"
+    assert gpu.ppo_batch_size == 128 and gpu.ppo_batch_size % gpu.ppo_mini_batch_size == 0
+    assert 16 <= gpu.ppo_mini_batch_size <= 32 and gpu.ppo_min_response_tokens == 12
+    assert "not yet measured" in gpu.description
+    for name in NOTEBOOK_BARS:
+        assert getattr(gpu, name) is not None, name
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt2-imdb"])
+def test_ppo_config_reads_the_guard_and_the_value_head_rate_from_the_profile(name):
+    from marl_utils.pipeline import ppo_config
+
+    profile = PROFILES[name]
+    config = ppo_config(profile)
+    assert config.min_response_tokens == profile.ppo_min_response_tokens
+    assert config.value_head_learning_rate == profile.ppo_value_head_learning_rate
+    assert ppo_config(profile.replace(ppo_value_head_learning_rate=1e-3)).value_head_learning_rate == 1e-3
+    assert ppo_config(profile.replace(ppo_min_response_tokens=5)).min_response_tokens == 5
+    assert ppo_config(profile.replace(ppo_max_new_tokens=4)).min_response_tokens == 4, "capped at max_new_tokens"
+
+
+def test_with_base_model_keeps_the_sizes(tmp_path):
+    from stand_ins import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "base")
+    profile = profiles.with_base_model(PROFILES["tiny"], str(base))
+    assert profile.base_model == str(base.resolve())
+    assert profile.replace(base_model="tiny") == PROFILES["tiny"]
+    assert profiles.with_base_model(PROFILES["tiny"], "gpt2").base_model == "gpt2", "a Hub id is checked on load"

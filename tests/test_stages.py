@@ -215,6 +215,8 @@ def test_stage_logs_are_one_bar_and_a_summary_without_library_warnings(tmp_path,
     printed = capsys.readouterr()
     assert "{'loss'" not in printed.out + printed.err and "'grad_norm'" not in printed.out + printed.err
     assert "SFT: 100%" in printed.err and "reward adapter: 100%" in printed.err
+    for other_bar in ["Loading weights", "Writing model shards", "Tokenizing train dataset", "Adding EOS"]:
+        assert other_bar not in printed.err, other_bar
     assert len(sft.log_history) >= 1 and all("loss" in row for row in sft.log_history)
     assert reward.metrics["eval_accuracy"] >= 0.0
     messages = [str(w.message) for w in caught]
