@@ -39,7 +39,8 @@ from .atomic import atomic_dir
 from .errors import MarlInputError
 from .profiles import Profile
 from .runs import prepare_run_dir, read_metrics, stage_dir
-from .sft import has_cuda, one_progress_bar, quiet_trainer_setup, train_sft, training_device
+from .sft import has_cuda, train_sft, training_device
+from .trainer_output import one_progress_bar, quiet_trainer_setup  # noqa: F401 - notebook 02 imports it here
 
 
 @dataclass

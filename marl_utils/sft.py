@@ -18,7 +18,6 @@ The stage is three steps, so that notebook 01 can build the `SFTTrainer` in a ce
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -29,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
 from .atomic import atomic_dir
 from .errors import MarlInputError
 from .profiles import TINY_BASE, Profile
 from .runs import prepare_run_dir, read_metrics, stage_dir
+# Notebook 01 imports these from here, next to the stage they quieten.
+from .trainer_output import LossProgressBar, one_progress_bar, quiet_trainer_setup  # noqa: F401
 
 SAMPLE_PROMPTS = ["This movie", "I watched this film", "The acting was", "The story"]
 
@@ -82,84 +81,6 @@ def training_device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@contextlib.contextmanager
-def quiet_trainer_setup():
-    """Silence what building a TRL trainer (or loading / saving a model) prints that the learner did not cause and
-    cannot act on: the datasets progress bars of SFTTrainer's preprocessing ("Adding EOS", "Tokenizing", ...),
-    transformers' "Loading weights" / "Writing model shards" bars and its info/warning log lines (per-key load
-    reports). All are restored on exit, so the stage shows one progress bar: training's.
-
-    Library *warnings* are not filtered here but in `marl_utils.known_warnings`, the one place for them. Our own
-    configs use transformers' new name `activation_checkpointing`, so its `gradient_checkpointing` deprecation
-    warning never appears.
-    """
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars_were_on = not datasets.are_progress_bars_disabled()
-    hf_bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars_were_on:
-            datasets.enable_progress_bars()
-        if hf_bars_were_on:
-            hf_logging.enable_progress_bar()
-
-
-class LossProgressBar(TrainerCallback):
-    """One tqdm bar over the optimizer steps, the last logged loss as its postfix (see `one_progress_bar`)."""
-
-    def __init__(self, desc: str):
-        self.desc, self.bar = desc, None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
-
-        if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, desc=self.desc, dynamic_ncols=True)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.bar is not None and logs and "loss" in logs:
-            self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def one_progress_bar(trainer, enabled: bool = True, desc: str | None = None):
-    """Replace the Trainer's log printing (a dict per logging step, or a table in Jupyter) by one progress bar.
-
-    The bar shows the latest loss; every logged row still lands in `trainer.state.log_history` for the plots.
-    `enabled=False` shows nothing at all. Returns the trainer.
-    """
-    from transformers import PrinterCallback, ProgressCallback
-
-    printers = (PrinterCallback, ProgressCallback)
-    try:
-        from transformers.utils.notebook import NotebookProgressCallback
-
-        printers += (NotebookProgressCallback,)
-    except ImportError:  # that callback needs IPython
-        pass
-    for callback in [c for c in trainer.callback_handler.callbacks if isinstance(c, printers)]:
-        trainer.remove_callback(callback)
-    if enabled:
-        trainer.add_callback(LossProgressBar(desc or type(trainer).__name__.removesuffix("Trainer")))
-    return trainer
 
 
 def ensure_base(profile: Profile, out: Path, train_texts) -> str:
@@ -274,7 +195,7 @@ def sft_config(profile: Profile, work_dir: str, seed: int = 0, *, epochs: float 
         # gradient_checkpointing, makes transformers 5 print a FutureWarning.
         activation_checkpointing=False,
         packing=False,
-        logging_steps=10,  # rows of trainer.state.log_history for the loss plot; `one_progress_bar` keeps them off screen
+        logging_steps=10,  # rows of log_history for the loss plot; `one_progress_bar` keeps them off screen
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
@@ -385,7 +306,8 @@ def sft_learning_note(profile: Profile, metrics: dict) -> str | None:
     from_scratch = profile.base_model == TINY_BASE
     cause = (f"a base trained from scratch on {metrics['train_tokens']:,} tokens x {metrics['epochs']:.1f} epochs "
              "sees too little text" if from_scratch else
-             f"{metrics['epochs']:.1f} epochs at learning rate {profile.sft_learning_rate:g} moved the pretrained base little")
+             f"{metrics['epochs']:.1f} epochs at learning rate {profile.sft_learning_rate:g} moved the pretrained "
+             "base little")
     return (f"SFT learned almost nothing: held-out perplexity {before:.1f} -> {after:.1f} ({ratio:.2f}x, the profile "
             f"expects at most {profile.sft_no_learning_ratio:g}x). Likely cause: {cause}. Fix: more reviews, more "
             "epochs (a larger sft_token_budget / sft_max_epochs)"
