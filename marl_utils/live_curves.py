@@ -48,6 +48,7 @@ class LiveCurves:
         self.points: dict[str, dict[str, list[tuple[float, float]]]] = {}  # series -> key -> [(step, value)]
         self._counts: dict[str, int] = {}
         self._start = None
+        self._last_step = 0.0  # the largest step seen: a Trainer logs every `logging_steps` steps, not every step
         self._text_handle = self._image_handle = None
         self._figure = None
         self.closed = False
@@ -60,6 +61,7 @@ class LiveCurves:
         count = self._counts.get(series, 0) + 1
         self._counts[series] = count
         x = float(step) if step is not None else float(count)
+        self._last_step = max(self._last_step, x)
         curves = self.points.setdefault(series, {key: [] for key in self.panels})
         for key in self.panels:
             value = values.get(key)
@@ -105,7 +107,7 @@ class LiveCurves:
     def status_line(self, final: bool = False) -> str:
         """'step 25/50 | reward 1.23 | KL 4.56 | 0.81 s/step' (final: first -> last value of every panel)."""
         series = list(self.points)
-        steps = max(self._counts.values(), default=0)
+        steps = int(self._last_step)
         seconds = time.perf_counter() - self._start if self._start is not None else 0.0
         parts = []
         for key, title in self.panels.items():
@@ -177,7 +179,7 @@ class LiveCurves:
         from .plotting import _smooth, set_count_axis
 
         n = len(self.panels)
-        fig = Figure(figsize=(3.6 * n, 2.9))
+        fig = Figure(figsize=(max(3.6 * n, 5.4), 2.9))  # one panel alone is drawn wider, not as a thumbnail
         FigureCanvasAgg(fig)
         axes = fig.subplots(1, n, squeeze=False)[0]
         colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]

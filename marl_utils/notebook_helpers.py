@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 __all__ = ["storage_bytes", "footprint", "footprint_rows", "adapter_cost", "median_seconds", "plot_runs",
-           "dequantized_weight", "plot_footprint", "set_cpu_threads", "rounded", "exercise_dir", "parameter_share"]
+           "dequantized_weight", "plot_footprint", "set_cpu_threads", "rounded", "readable", "exercise_dir",
+           "parameter_share"]
 
 # LoRA tensors are named "...lora_A.<adapter>.weight", "...lora_embedding_B.<adapter>", "...lora_magnitude_vector.<adapter>..."
 LORA_NAME = re.compile(r"\.(lora_[A-Za-z_]+)\.([^.]+)")
@@ -169,7 +170,9 @@ def set_cpu_threads(model: nn.Module, max_parameters: int = SMALL_MODEL_PARAMETE
     does matmuls of microseconds, and handing each to a second thread and waiting for it costs more than it
     saves, the more so on a 2-core machine shared with other work. A GPT-2-sized model (124M) on the CPU has
     matmuls large enough to split, and a model on the GPU does not use these threads at all, so both keep
-    torch's default. Introduced in notebook 03; used by 04 and 05.
+    torch's default. Call it right after loading the model: a small model still on the CPU then (a trainer
+    would later move it to a GPU) gets one thread, which the GPU run does not miss. Introduced in notebook 03;
+    used by 04 and 05.
     """
     import torch
 
@@ -186,7 +189,13 @@ def rounded(values, digits: int = 2) -> list[float]:
 
     if torch.is_tensor(values):
         values = values.detach().float().cpu().flatten().tolist()
-    return [round(float(v), digits) for v in values]
+    return [round(float(v), digits) + 0.0 for v in values]  # + 0.0: -0.0 (as -beta * 0 gives) prints as 0.0
+
+
+def readable(text: str) -> str:
+    """A decoded sample for a table: a byte-level token that is no whole UTF-8 character (decoded as U+FFFD, the
+    replacement character) shows as "?". `ppo_eval.decode_text` already drops one cut at the end of a response."""
+    return text.replace("\ufffd", "?")
 
 
 def exercise_dir(out, name: str):

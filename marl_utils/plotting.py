@@ -107,8 +107,8 @@ PPO_DIAGNOSTICS = {
 def plot_ppo_diagnostics(history: list[dict], *, smooth: int = 3, save_to=None):
     """The health of the PPO update itself (notebook 03), one panel each for `PPO_DIAGNOSTICS`.
 
-    Approx KL and clip fraction say how far each update moved the policy (a clip fraction near 0.5, or an
-    approx KL far above 0.1, means steps too large for the clip); beta is the KL controller's answer to the
+    Approx KL and clip fraction say how far each update moved the policy (both climbing step after step means
+    updates too large for the clip); beta is the KL controller's answer to the
     KL to the reference; explained variance near 1 means the value head predicts the returns, at or below 0
     that it does no better than a constant; the value loss should fall as it learns.
     """
@@ -116,8 +116,9 @@ def plot_ppo_diagnostics(history: list[dict], *, smooth: int = 3, save_to=None):
     if missing:
         raise MarlInputError(f"plot_ppo_diagnostics: the history has no {missing}; pass a PPOTrainer's `history` "
                              "(after trainer.train or trainer.log_stats)")
+    x_key = "step" if all("step" in row for row in history) else None  # the trainer's step count, as in train()
     return plot_curves(history, list(PPO_DIAGNOSTICS), titles=list(PPO_DIAGNOSTICS.values()), smooth=smooth,
-                       save_to=save_to, columns=3)
+                       save_to=save_to, columns=3, x_key=x_key)
 
 
 def plot_score_histograms(pos_scores, neg_scores, *, title="reward scores of held-out reviews", save_to=None):

@@ -81,6 +81,7 @@ def test_hf_callback_feeds_logged_rows():
     callback.on_log(args, state, TrainerControl(), logs={"train_runtime": 3.0})
     assert board.total == 30
     assert board.points[""]["loss"] == [(10.0, 2.5)]
+    assert board.status_line().startswith("step 20/30")  # the Trainer's step, not the number of logged rows
 
 
 def test_save_writes_a_png(tmp_path):

@@ -228,6 +228,14 @@ def test_rounded_prints_short_numbers():
     assert values.round(decimals=2).tolist()[0] != 0.96  # the float32 noise this helper exists for
     assert rounded(values) == [0.96, -1.23] and repr(rounded(values)) == "[0.96, -1.23]"
     assert rounded([1 / 3, 2], 3) == [0.333, 2.0]
+    assert repr(rounded(torch.tensor([-0.0, -0.001]))) == "[0.0, 0.0]"  # no "-0.0" for a zero reward
+
+
+def test_readable_marks_broken_characters():
+    from marl_utils.notebook_helpers import readable
+
+    cut = b"caf\xc3".decode("utf-8", errors="replace")  # a response stopped inside a two-byte character
+    assert readable(cut + " ok") == "caf? ok" and readable("plain") == "plain"
 
 
 def test_exercise_dir_is_a_fresh_folder_inside_the_run(tmp_path):
