@@ -13,6 +13,13 @@ KNOWN = [
     # peft 0.21's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecated in
     # favour of `is_activation_checkpointing`; nothing the user calls, and peft will follow.
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated and will be removed in v6"),
+    # peft 0.21 warns, when an adapter targets the input embeddings of a model with tied embeddings (the tiny
+    # base; the stage-2 reward adapter adapts its embeddings), that merging or converting such an adapter has no
+    # tying support. marl_utils never merges the reward adapter: it runs as an adapter, its LoRA acts on the
+    # embedding lookup only, and the policy's output layer stays the base's.
+    (UserWarning, r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter"),
+    # peft 0.21 on GPT-2's Conv1D layers: a LoraConfig without fan_in_fan_out=True is corrected by peft itself.
+    (UserWarning, r"fan_in_fan_out is set to False but the target module is `Conv1D`"),
 ]
 
 
