@@ -114,8 +114,8 @@ class PPOTrainer:
 
     @property
     def forward_rows(self) -> int:
-        """Rows per no-grad forward (PPOConfig.forward_batch_size, default the whole batch)."""
-        return self.config.forward_batch_size or self.config.batch_size
+        """Rows per no-grad forward (PPOConfig.forward_batch_size, default mini_batch_size)."""
+        return self.config.forward_batch_size or self.config.mini_batch_size
 
     def _choose_fused_rollout(self) -> bool:
         """One batched forward for policy + reference (+ reward) rows, or separate passes: see rollout.py.
