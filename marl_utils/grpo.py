@@ -104,11 +104,11 @@ def grpo_settings(profile, **overrides) -> GRPOSettings:
         mini_batch_size=pick("grpo_mini_batch_size", profile.ppo_mini_batch_size),
         num_iterations=pick("grpo_num_iterations", 1),
         learning_rate=pick("grpo_learning_rate", profile.ppo_learning_rate),
-        grpo_beta=pick("grpo_beta", 0.06),  # tiny, 3 seeds: ~9 nats of KL, where PPO's controller keeps it
-        rloo_beta=pick("rloo_beta", 0.1),  # tiny: 0.15 held the KL near 6 nats and gained less
+        grpo_beta=profile.grpo_beta,
+        rloo_beta=profile.rloo_beta,
         max_new_tokens=profile.ppo_max_new_tokens,
-        min_reward_gain=pick("grpo_min_reward_gain", profile.ppo_min_reward_gain),
-        max_kl=pick("grpo_max_kl", profile.ppo_max_kl),
+        min_reward_gain=profile.grpo_min_reward_gain,
+        max_kl=profile.grpo_max_kl,
     )
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     check_settings(settings)

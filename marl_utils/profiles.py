@@ -151,6 +151,20 @@ class Profile:
     tiny base has ~0.8M weights, so the copied critic, shaped like the reward adapter (r=16 on every linear
     layer and the input embeddings), is 18% of it (a fresh one, r=16 on q/v: 3%); on gpt2 ~2%."""
 
+    # Notebook 07 / `marl grpo`: TRL's GRPOTrainer and RLOOTrainer with the reward adapter on the same base. Their
+    # sizes (rounds, completions per round, minibatch, completion length) are PPO's, so all three sample the
+    # same number of tokens (marl_utils.grpo.grpo_settings).
+    grpo_beta: float = 0.06
+    """GRPO's weight of the per-token KL (k3) to the adapter-disabled base (tiny, 3 seeds: ~9.6 nats of KL, gain
+    2.24 +- 0.20; 0.04 reached KL 15.1 on one stage set)."""
+    rloo_beta: float = 0.1
+    """RLOO's weight of the sequence KL (k1) in its reward (tiny: 7.2 nats, gain 2.08 +- 0.08; 0.15 held the
+    KL near 6 nats and gained less)."""
+    grpo_min_reward_gain: float = 1.5
+    """Bar of notebook 07: GRPO's and RLOO's eval reward gain at least this (tiny, 3 seeds: 1.8 to 2.45)..."""
+    grpo_max_kl: float = 15.0
+    """... and their final KL to the reference (nats per sequence) at most this."""
+
     lora_target_modules: tuple[str, ...] | None = None
     """None lets peft pick the usual attention projections for the architecture."""
     tiny_model: dict = field(default_factory=dict)
@@ -243,6 +257,11 @@ PROFILES: dict[str, Profile] = {
         critic_max_kl=15.0,
         critic_min_early_ev_lead=0.05,
         critic_max_memory_share=0.03,
+        # Notebook 07: estimates until a GPU run measures them (TRL's GRPO default beta was 0.04 before it became 0)
+        grpo_beta=0.04,
+        rloo_beta=0.05,
+        grpo_min_reward_gain=1.0,
+        grpo_max_kl=15.0,
     ),
 }
 
