@@ -1,7 +1,7 @@
 """Training curves redrawn in place while a run trains, like d2l's ProgressBoard (notebooks 01-05).
 
     board = LiveCurves({"env/score_mean": "reward", "objective/kl": "KL (nats/seq)"}, every=5, total=50)
-    trainer.train(prompts, callback=board)   # PPOTrainer calls board(trainer, entry) after every step
+    trainer.train(prompts, callback=board, progress=False)  # board(trainer, entry) after every step
     board.close()                            # last redraw and a one-line summary
 
     trainer.add_callback(board.hf_callback())  # the same for a transformers Trainer (SFTTrainer, RewardTrainer)
@@ -9,7 +9,9 @@
 
 In Jupyter the board is ONE output that is replaced every `every` steps: a text line (step, latest values,
 seconds per step) over a PNG of the curves. Nothing is a widget, so a saved notebook reopens with the last
-picture and line instead of "Error displaying widget". Outside a notebook (a script, a terminal, CI logs) it
+picture and line instead of "Error displaying widget" (which a tqdm widget bar leaves behind in a saved
+notebook even with leave=False: hence `progress=False` above, the board's status line is the progress bar).
+Outside a notebook (a script, a terminal, CI logs) it
 prints the text line every `every` steps instead, and draws nothing until `close()` or `figure` asks.
 
 `add(values, series=...)` takes any dict of floats (a trainer's history entry, a `Trainer` log row); keys
