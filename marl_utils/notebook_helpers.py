@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 __all__ = ["storage_bytes", "footprint", "footprint_rows", "adapter_cost", "median_seconds", "plot_runs",
-           "dequantized_weight", "plot_footprint", "set_cpu_threads", "rounded", "readable", "exercise_dir",
-           "parameter_share"]
+           "dequantized_weight", "plot_footprint", "set_cpu_threads", "fastest_threads", "rounded", "readable",
+           "exercise_dir", "parameter_share"]
 
 # LoRA tensors are named "...lora_A.<adapter>.weight", "...lora_embedding_B.<adapter>", "...lora_magnitude_vector.<adapter>..."
 LORA_NAME = re.compile(r"\.(lora_[A-Za-z_]+)\.([^.]+)")
@@ -160,27 +160,61 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
 
 
 SMALL_MODEL_PARAMETERS = 20_000_000
-"""Below this many parameters a model on the CPU runs faster on one thread (see `set_cpu_threads`)."""
+"""Below this many parameters, `set_cpu_threads` times one thread against torch's default on the CPU."""
 
 
-def set_cpu_threads(model: nn.Module, max_parameters: int = SMALL_MODEL_PARAMETERS) -> int:
-    """One torch thread for a small model on the CPU, else leave torch's choice; returns the threads in use.
+def fastest_threads(step, candidates, repeats: int = 3) -> tuple[int, dict]:
+    """(thread count, {count: median seconds}) of the count that runs `step()` fastest, timed interleaved."""
+    import torch
 
-    Why: torch splits every matmul over its threads. A ~1M-parameter model (hidden size 128, the tiny profile)
-    does matmuls of microseconds, and handing each to a second thread and waiting for it costs more than it
-    saves, the more so on a 2-core machine shared with other work. A GPT-2-sized model (124M) on the CPU has
-    matmuls large enough to split, and a model on the GPU does not use these threads at all, so both keep
-    torch's default. Call it right after loading the model: a small model still on the CPU then (a trainer
-    would later move it to a GPU) gets one thread, which the GPU run does not miss. Introduced in notebook 03;
-    used by 04 and 05.
+    times = {n: [] for n in candidates}
+    for _ in range(repeats):
+        for n in candidates:  # interleaved: a burst of load elsewhere hits every candidate alike
+            torch.set_num_threads(n)
+            start = time.perf_counter()
+            step()
+            times[n].append(time.perf_counter() - start)
+    medians = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+    return min(medians, key=medians.get), medians
+
+
+def set_cpu_threads(model: nn.Module, max_parameters: int = SMALL_MODEL_PARAMETERS, verbose: bool = False) -> int:
+    """For a small model on the CPU, keep whichever of one thread and torch's default runs a training
+    forward + backward faster; otherwise leave torch's choice. Returns the threads in use.
+
+    Why: torch splits every matmul over its threads. For a GPT-2-sized model (124M) on the CPU that pays off
+    and nothing needs deciding, and a model on the GPU does not use these threads. For the ~1M-parameter tiny
+    profile the matmuls take microseconds and whether a second thread helps depends on the machine: measured
+    on the 2-core CI machine with other jobs on it (load average ~2.5), two threads ran a tiny PPO step in
+    0.66 s, one thread in 0.88 s; when every core is busy with other work, the extra thread waits for one.
+    So this times both (a few hundred milliseconds). The results do not depend on the choice: the tiny
+    model's logits and LoRA gradients came out bit-identical with one and two threads. Call it right after
+    loading the model. Leaves no gradients behind and does not touch the random number generators.
+    Introduced in notebook 03; used by 04 and 05.
     """
     import torch
 
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    n_parameters = sum(p.numel() for p in model.parameters())
-    if on_cpu and n_parameters < max_parameters:
-        torch.set_num_threads(1)
-    return torch.get_num_threads()
+    params = list(model.parameters())
+    default = torch.get_num_threads()
+    if not all(p.device.type == "cpu" for p in params) or sum(p.numel() for p in params) >= max_parameters \
+            or default == 1:
+        return default
+    vocab = model.pretrained_model.get_base_model().get_input_embeddings().num_embeddings
+    ids = torch.randint(vocab, (16, 32), generator=torch.Generator().manual_seed(0))
+
+    def forward_backward():
+        logits, _, values = model(input_ids=ids)
+        (logits.float().logsumexp(-1).mean() + values.float().mean()).backward()
+
+    with torch.random.fork_rng():
+        forward_backward()  # warm-up: the first pass pays one-off costs
+        best, medians = fastest_threads(forward_backward, [1, default])
+    for p in params:
+        p.grad = None
+    torch.set_num_threads(best)
+    if verbose:
+        print("seconds per forward + backward:", {n: round(t, 4) for n, t in medians.items()}, "->", best, "thread(s)")
+    return best
 
 
 def rounded(values, digits: int = 2) -> list[float]:

@@ -206,17 +206,47 @@ def test_dequantized_weight_comes_back_on_the_cpu():
     assert deq.dtype == torch.float32 and deq.device.type == "cpu"
 
 
-def test_set_cpu_threads_uses_one_thread_only_for_a_small_cpu_model():
+def test_fastest_threads_keeps_the_quicker_count(monkeypatch):
+    from marl_utils.notebook_helpers import fastest_threads
+
+    before = torch.get_num_threads()
+    clock = [0.0]
+    monkeypatch.setattr(notebook_helpers.time, "perf_counter", lambda: clock[0])
+
+    def step():  # pretend two threads take 3 ms and one thread 5 ms
+        clock[0] += 0.003 if torch.get_num_threads() == 2 else 0.005
+
+    try:
+        best, medians = fastest_threads(step, [1, 2])
+        assert best == 2 and medians == pytest.approx({1: 0.005, 2: 0.003})
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_set_cpu_threads_leaves_big_and_gpu_models_alone():
     from marl_utils.notebook_helpers import set_cpu_threads
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        model = torch.nn.Linear(8, 8)  # 72 parameters
-        assert set_cpu_threads(model, max_parameters=72) == 2  # not below the bar: torch's choice stays
-        on_meta = torch.nn.Linear(8, 8, device="meta")  # stands in for a model on the GPU
-        assert set_cpu_threads(on_meta, max_parameters=1_000) == 2
-        assert set_cpu_threads(model, max_parameters=73) == 1  # small and on the CPU
+        assert set_cpu_threads(torch.nn.Linear(8, 8), max_parameters=72) == 2  # 72 parameters: not small
+        assert set_cpu_threads(torch.nn.Linear(8, 8, device="meta"), max_parameters=1_000) == 2  # not on the CPU
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_set_cpu_threads_times_a_small_model_without_side_effects(paths):
+    from marl_utils.notebook_helpers import set_cpu_threads
+
+    model = load(paths)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        rng = torch.get_rng_state()
+        chosen = set_cpu_threads(model, verbose=True)
+        assert chosen in (1, 2) and torch.get_num_threads() == chosen
+        assert torch.equal(torch.get_rng_state(), rng)  # the notebook's random numbers are not shifted
+        assert all(p.grad is None for p in model.parameters())
     finally:
         torch.set_num_threads(before)
 
