@@ -104,7 +104,7 @@ def run_command(args) -> int:
         run_ppo_stage(profile, args.output_dir, args.dataset, seed=args.seed, force=args.force,
                       steps=args.steps, resume=args.resume)
     elif args.command == "grpo":
-        from .grpo import train_grpo
+        from .grpo_stage import train_grpo
 
         train_grpo(profile, args.output_dir, args.dataset, algo=args.algo, seed=args.seed, force=args.force,
                    steps=args.steps)

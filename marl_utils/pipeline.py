@@ -131,6 +131,7 @@ def train_ppo(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0,
               steps: int | None = None, resume: bool = False, progress: bool = True) -> PPOResult:
     """Run stage 3 into `OUT/ppo/` (building stages 1-2 first if they are missing)."""
     from .ppo import PPOTrainer
+    from .run_cost import measure_cost
 
     out = prepare_run_dir(output_dir, profile)
     final = stage_dir(out, "ppo")
@@ -145,12 +146,16 @@ def train_ppo(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0,
     model, tokenizer, config, prompts, eval_prompts = build_ppo_parts(profile, out, dataset, seed, steps=steps)
     trainer = PPOTrainer(config, model=model, tokenizer=tokenizer)
     before = trainer.evaluate(eval_prompts)
-    trainer.train(prompts, eval_prompts=eval_prompts, output_dir=stage_dir(out, "ppo_checkpoints"),
-                  resume=resume, progress=progress)
+    with measure_cost(model.device) as cost:  # the training alone, as `marl grpo` measures its own
+        trainer.train(prompts, eval_prompts=eval_prompts, output_dir=stage_dir(out, "ppo_checkpoints"),
+                      resume=resume, progress=progress)
     after = trainer.evaluate(eval_prompts)
     metrics = {
         "profile": profile.name,
+        "algo": "ppo",
         "seconds": round(time.perf_counter() - start, 2),
+        "train_seconds": cost["seconds"],
+        "peak_memory_mb": cost["peak_memory_mb"],
         "steps": trainer.step_count,
         "max_new_tokens": config.max_new_tokens,
         "eval_reward_before": before["reward_mean"],
@@ -235,7 +240,7 @@ def run_pipeline(profile: Profile, output_dir=None, dataset=None, *, seed: int =
     if algo == "ppo":
         ppo = train_ppo(profile, out, dataset, seed=seed, force=force, steps=steps, resume=resume, progress=progress)
     else:
-        from .grpo import train_grpo
+        from .grpo_stage import train_grpo
 
         ppo = train_grpo(profile, out, dataset, algo=algo, seed=seed, force=force, steps=steps, progress=progress)
     save_plots(out, sft.metrics, reward.metrics, ppo.metrics)
