@@ -199,8 +199,8 @@ def set_cpu_threads(model: nn.Module, max_parameters: int = SMALL_MODEL_PARAMETE
     if not all(p.device.type == "cpu" for p in params) or sum(p.numel() for p in params) >= max_parameters \
             or default == 1:
         return default
-    vocab = model.pretrained_model.get_base_model().get_input_embeddings().num_embeddings
-    ids = torch.randint(vocab, (16, 32), generator=torch.Generator().manual_seed(0))
+    # any valid token ids time the same; the input embeddings may be wrapped by a LoRA layer, the config is not
+    ids = torch.randint(min(model.config.vocab_size, 256), (16, 32), generator=torch.Generator().manual_seed(0))
 
     def forward_backward():
         logits, _, values = model(input_ids=ids)

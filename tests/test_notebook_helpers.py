@@ -235,10 +235,12 @@ def test_set_cpu_threads_leaves_big_and_gpu_models_alone():
         torch.set_num_threads(before)
 
 
-def test_set_cpu_threads_times_a_small_model_without_side_effects(paths):
+def test_set_cpu_threads_times_a_small_model_without_side_effects(paths, tmp_path):
     from marl_utils.notebook_helpers import set_cpu_threads
 
-    model = load(paths)
+    base, _ = paths  # a reward adapter with LoRA on the input embeddings too, as stage 2 trains it for tiny
+    model = load((base, str(make_reward_adapter(base, tmp_path / "rm", target_modules=LORA_TARGETS["llama"]
+                                                + ["embed_tokens"]))))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
