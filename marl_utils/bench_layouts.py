@@ -271,7 +271,7 @@ def policy_lora_config(lora: dict):
 
 
 def load_layout(layout: str, precision: str, paths: dict, device="cpu"):
-    """Build `layout` ("marl" or "separate") in `precision` from the folders `prepare_bench_models` made.
+    """Build `layout` ("marl", "critic" or "separate") in `precision` from the folders `prepare_bench_models` made.
 
     `device` places the float32 layouts (the quantized ones are loaded where bitsandbytes puts them: CPU here).
     """
@@ -282,9 +282,10 @@ def load_layout(layout: str, precision: str, paths: dict, device="cpu"):
     dtype = UNQUANTIZED_DTYPE if flags else torch.float32
     lora_config = policy_lora_config(paths["lora"])
     pad_id = paths["pad_id"]
-    if layout == "marl":
+    if layout in ("marl", "critic"):  # critic: the value head on a critic LoRA adapter of its own (notebook 06)
         model = _quiet_load(AutoModelForCausalLMWithValueHead.from_pretrained, paths["base"],
-                            peft_config=lora_config, reward_adapter=paths["reward_adapter"], dtype=dtype, **flags)
+                            peft_config=lora_config, reward_adapter=paths["reward_adapter"], dtype=dtype,
+                            critic="adapter" if layout == "critic" else "head", **flags)
         if flags:
             release_checkpoint_pages(model)
         else:

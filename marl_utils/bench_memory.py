@@ -23,12 +23,12 @@ import torch
 
 from .atomic import atomic_write_json
 
-LAYOUTS = ("marl_fp32", "separate_fp32", "marl_8bit", "separate_8bit", "marl_4bit", "separate_4bit")
+LAYOUTS = ("marl_fp32", "critic_fp32", "separate_fp32", "marl_8bit", "separate_8bit", "marl_4bit", "separate_4bit")
 DEFAULT_LAYOUTS = {
     "tiny": LAYOUTS,
     # On a CPU the separate 8/4-bit layouts quantize four copies and run 4-bit backward slowly: minutes more.
     # Ask for them with run_bench(..., layouts=LAYOUTS).
-    "mid": ("marl_fp32", "separate_fp32", "marl_8bit", "marl_4bit"),
+    "mid": ("marl_fp32", "critic_fp32", "separate_fp32", "marl_8bit", "marl_4bit"),
     "gpt2": ("marl_fp32", "separate_fp32"),
 }
 DEFAULT_LAYOUTS["large"] = DEFAULT_LAYOUTS["mid"]
@@ -238,7 +238,7 @@ def measure_layout(layout: str, precision: str, inputs: dict, steps: int) -> dic
 
 def _layout_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m marl_utils.bench_memory", description="one layout of `marl bench`")
-    parser.add_argument("--layout", required=True, choices=["marl", "separate"])
+    parser.add_argument("--layout", required=True, choices=["marl", "critic", "separate"])
     parser.add_argument("--precision", required=True, choices=["fp32", "8bit", "4bit"])
     parser.add_argument("--inputs", required=True, help="json written by run_bench: folders, prompts, step shape")
     parser.add_argument("--steps", type=int, default=1, help="PPO steps after the warm-up")

@@ -20,7 +20,7 @@ from marl_utils.bench_ratio import NOT_YET, PHASES, compare_to_floor, critic_ada
 from marl_utils.errors import MarlInputError
 from marl_utils.profiles import PROFILES
 
-TEST_LAYOUTS = ["marl_fp32", "marl_8bit", "marl_4bit", "separate_fp32"]
+TEST_LAYOUTS = ["marl_fp32", "critic_fp32", "marl_8bit", "marl_4bit", "separate_fp32"]
 SHAPE = StepShape(batch=4, new_tokens=4, ppo_epochs=2, minibatches=2)
 
 
@@ -127,6 +127,9 @@ def test_marl_holds_one_base_and_separate_four(tiny_bench):
     marl = layouts["marl_fp32"]
     # one base (+ the rotary buffer, a few hundred bytes) plus adapters and heads: the tied table counted once
     assert 0 <= marl["param_bytes"] - marl["adapter_and_head_bytes"] - base_bytes < 4096
+    critic = layouts["critic_fp32"]  # the same base; the critic adapter is one more policy-shaped LoRA
+    assert critic["param_bytes"] - marl["param_bytes"] == critic["adapter_and_head_bytes"] - marl["adapter_and_head_bytes"]
+    assert 0 < critic["adapter_and_head_bytes"] - marl["adapter_and_head_bytes"] < marl["adapter_and_head_bytes"]
     separate = layouts["separate_fp32"]
     assert set(separate["models"]) == {"policy", "ref", "reward", "value"}
     assert all(size >= base_bytes for size in separate["models"].values())

@@ -103,7 +103,7 @@ def test_every_stage_command_takes_base_model(command, gpt2_base, tmp_path, monk
     def record(profile, *args, **kwargs):
         seen["base_model"] = profile.base_model
 
-    import marl_utils.grpo as grpo
+    import marl_utils.grpo_stage as grpo
     import marl_utils.pipeline as pipeline
     import marl_utils.reward as reward
     import marl_utils.sft as sft
