@@ -117,8 +117,10 @@ class Profile:
     ppo_min_reward_gain: float = 1.5
     """Bars notebook 03 asserts: eval reward gain at least this, final KL (nats/sequence) at most ppo_max_kl."""
     ppo_max_kl: float = 15.0
-    ppo_quantized_min_reward_gain: float = 1.5
-    """Bars of notebook 04 for the 8-bit and the 4-bit base: eval reward gain at least this, ..."""
+    ppo_quantized_min_reward_gain: float = 1.25
+    """Bars of notebook 04 for the 8-bit and the 4-bit base: eval reward gain at least this, ... (tiny, measured
+    on the 2-core machine: +1.70 8-bit, +1.61 4-bit; bitsandbytes' CPU kernels differ between CPUs, so the bar
+    leaves room below those)"""
     ppo_quantized_max_kl: float = 20.0
     """... and final KL (nats/sequence) at most this (quantization noise makes the policy drift further)."""
     ppo_multi_min_gain: float = 1.0
