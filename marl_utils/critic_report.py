@@ -14,11 +14,8 @@ side by side, one step of each in turn (`train_side_by_side`), so that a busy ma
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,13 +280,15 @@ def plot_critics(histories: dict, *, smooth: int = 3, save_to=None, title: str |
     """
     import matplotlib.pyplot as plt
 
+    from .plotting import _smooth as smooth_curve
+
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.0 * len(CURVES), 3.2), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, name) in zip(axes[0], CURVES):
         for color, (label, history) in zip(colors, histories.items()):
             ys = [float(row[key]) for row in history if key in row]
             ax.plot(ys, color=color, alpha=0.25)
-            ax.plot(_smooth(ys, smooth), color=color, label=label)
+            ax.plot(smooth_curve(ys, smooth), color=color, label=label)
         if key == "ppo/val/explained_variance":
             ax.set_ylim(-1.0, 1.0)
         ax.set_title(name)
@@ -304,27 +303,8 @@ def plot_critics(histories: dict, *, smooth: int = 3, save_to=None, title: str |
     return fig
 
 
-def _smooth(values, window: int):
-    """Trailing mean over `window` steps (shorter at the start)."""
-    out = []
-    for i in range(len(values)):
-        part = values[max(0, i - window + 1):i + 1]
-        out.append(sum(part) / len(part))
-    return out
-
-
 def save_png(fig, path) -> Path:
-    """Write `fig` as a PNG through a temporary file and one rename: the committed figure is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a figure is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write `fig` as a PNG atomically, readable by everyone (plotting's writer: temporary file, one rename)."""
+    from .plotting import _save
+
+    return _save(fig, path)

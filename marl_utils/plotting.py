@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import MarlInputError
 
 
-def _save(fig, save_to) -> None:
+def _save(fig, save_to) -> Path:
     """Write a PNG under a temporary name, then rename: a killed run leaves the old plot or the new, never half."""
     path = Path(save_to)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -18,11 +18,13 @@ def _save(fig, save_to) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)  # the format follows the suffix, which the temporary name keeps
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a plot is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return path
 
 
 def _plt():
