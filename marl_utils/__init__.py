@@ -5,11 +5,11 @@ The seed document's API, with `marl_utils` in place of `trl`:
     from marl_utils import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 """
 
-from .errors import MarlInputError
-from .known_warnings import silence_known_library_warnings
-from .modeling import AutoModelForCausalLMWithValueHead, ValueHead
-from .ppo import PPOTrainer
-from .ppo_config import PPOConfig
+from .infra.errors import MarlInputError
+from .infra.known_warnings import silence_known_library_warnings
+from .model.multi_adapter_model import AutoModelForCausalLMWithValueHead, ValueHead
+from .ppo.trainer import PPOTrainer
+from .ppo.config import PPOConfig
 
 silence_known_library_warnings()
 

@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from .errors import MarlInputError
+from .infra.errors import MarlInputError
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -75,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args) -> int:
-    from .profiles import resolve_profile
+    from .infra.profiles import resolve_profile
 
     if args.command == "bench":
-        from .bench import run_bench
+        from .bench.command import run_bench
 
         run_bench(resolve_profile(args.profile), output_dir=args.output_dir, base_size=args.base_size,
                   steps=args.steps, precision=args.precision, device=args.device, time_budget=args.time_budget,
@@ -87,29 +87,29 @@ def run_command(args) -> int:
         return 0
     profile = resolve_profile(args.profile)
     if args.base_model:
-        from .profiles import with_base_model
+        from .infra.profiles import with_base_model
 
         profile = with_base_model(profile, args.base_model)
     if args.command == "sft":
-        from .sft import train_sft
+        from .stages.sft import train_sft
 
         train_sft(profile, args.output_dir, args.dataset, seed=args.seed, force=args.force)
     elif args.command == "reward":
-        from .reward import train_reward_adapter
+        from .stages.reward import train_reward_adapter
 
         train_reward_adapter(profile, args.output_dir, args.dataset, seed=args.seed, force=args.force)
     elif args.command == "ppo":
-        from .pipeline import run_ppo_stage
+        from .stages.ppo import run_ppo_stage
 
         run_ppo_stage(profile, args.output_dir, args.dataset, seed=args.seed, force=args.force,
                       steps=args.steps, resume=args.resume)
     elif args.command == "grpo":
-        from .grpo_stage import train_grpo
+        from .stages.grpo import train_grpo
 
         train_grpo(profile, args.output_dir, args.dataset, algo=args.algo, seed=args.seed, force=args.force,
                    steps=args.steps)
     elif args.command == "run":
-        from .pipeline import run_pipeline
+        from .stages.pipeline import run_pipeline
 
         run_pipeline(profile, args.output_dir, args.dataset, seed=args.seed, force=args.force,
                      steps=args.steps, resume=args.resume, algo=args.algo)

@@ -21,14 +21,14 @@ import time
 def main(argv=None) -> int:
     import torch
 
-    from marl_utils.atomic import atomic_write_json
-    from marl_utils.critic_report import CONTROLS, CRITICS, format_seed_table, run_critics, seed_table, summarize
-    from marl_utils.data import load_imdb
-    from marl_utils.errors import MarlInputError
-    from marl_utils.pipeline import ensure_earlier_stages, policy_lora_config, ppo_config
-    from marl_utils.profiles import resolve_profile
-    from marl_utils.prompts import load_prompts
-    from marl_utils.runs import prepare_run_dir, stage_dir
+    from marl_utils.infra.atomic import atomic_write_json
+    from marl_utils.display.critic_report import CONTROLS, CRITICS, format_seed_table, run_critics, seed_table, summarize
+    from marl_utils.data.loading import load_imdb
+    from marl_utils.infra.errors import MarlInputError
+    from marl_utils.stages.ppo_parts import ensure_earlier_stages, policy_lora_config, ppo_config
+    from marl_utils.infra.profiles import resolve_profile
+    from marl_utils.data.prompts import load_prompts
+    from marl_utils.infra.runs import prepare_run_dir, stage_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default=None)

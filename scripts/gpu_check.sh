@@ -105,7 +105,7 @@ want=$(grep -cv '^\s*\(#\|$\)' "$LIST")
 imports=$("$PYTHON" - <<'EOF' 2>/dev/null  # library warnings at import go; each failure is caught and named
 import importlib, sys
 names = ["torch", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes", "nbmake", "ipykernel",
-         "matplotlib", "pandas", "marl_utils.bench", "marl_utils.ppo", "marl_utils.notebook_helpers"]
+         "matplotlib", "pandas", "marl_utils.bench.command", "marl_utils.ppo.trainer", "marl_utils.display.notebook_helpers"]
 bad = []
 for name in names:
     try:

@@ -11,7 +11,7 @@ For each notebook 01-05 (or those named: `python scripts/make_figures.py 03 05`)
    `<!-- make_figures:numbers -->` / `<!-- make_figures:runtime -->` markers of the notebook's first cell;
 4. records all of it, with the machine's CPU count and load, in `notebooks/figures/numbers.json`.
 
-It also draws the four-roles diagram (`notebooks/figures/roles.png`, `marl_utils.roles_diagram`). It never
+It also draws the four-roles diagram (`notebooks/figures/roles.png`, `marl_utils.display.roles_diagram`). It never
 touches the Hub (HF_HUB_OFFLINE=1), never writes into `runs/`, and leaves the notebooks without outputs.
 Runtimes are wall-clock seconds; on a machine shared with other jobs they come out longer (the load average
 is recorded next to them). Notebooks run one after another, never two at once.
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from marl_utils.roles_diagram import draw_roles_diagram
+    from marl_utils.display.roles_diagram import draw_roles_diagram
 
     numbers_file = FIGURES / "numbers.json"
     record = json.loads(numbers_file.read_text()) if numbers_file.exists() else {}

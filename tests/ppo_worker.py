@@ -71,14 +71,14 @@ def stall_in_save(step: int, marker: Path) -> None:
             marker.write_text(str(path))
             time.sleep(600)  # the test kills us here
 
-    torch.save = save_then_stall  # marl_utils.checkpoint calls torch.save
+    torch.save = save_then_stall  # marl_utils.ppo.checkpoint calls torch.save
 
 
 def marl_command(argv, pause: float) -> int:
     """`marl ARGV` with the QUICK sizes as the `tiny` profile, sleeping `pause` seconds after each PPO step."""
     from marl_utils.cli import main as marl
-    from marl_utils.ppo import PPOTrainer
-    from marl_utils.profiles import PROFILES
+    from marl_utils.ppo.trainer import PPOTrainer
+    from marl_utils.infra.profiles import PROFILES
 
     PROFILES["tiny"] = PROFILES["tiny"].replace(**QUICK_SIZES)
     log_stats = PPOTrainer.log_stats

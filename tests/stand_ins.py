@@ -164,7 +164,7 @@ def make_imdb_hub_folder(out_dir, n_train: int = 200, n_test: int = 1000, n_unsu
     offline corpus generator, with its `<br /><br />` markup."""
     import datasets
 
-    from marl_utils.corpus import generate_corpus
+    from marl_utils.data.corpus import generate_corpus
 
     out_dir = Path(out_dir)
     corpus = generate_corpus(seed=seed, n_train=n_train + n_unsupervised, n_test=n_test)  # sizes: even numbers

@@ -2,7 +2,7 @@
 
 import pytest
 
-from marl_utils.atomic import atomic_dir, atomic_write_json
+from marl_utils.infra.atomic import atomic_dir, atomic_write_json
 
 
 def test_interrupted_write_keeps_previous_folder(tmp_path):

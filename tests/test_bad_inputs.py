@@ -24,11 +24,11 @@ from ppo_worker import build_trainer, prompts
 from test_stages import SMALL
 
 from marl_utils.cli import main
-from marl_utils.errors import MarlInputError
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead
-from marl_utils.ppo_config import PPOConfig
-from marl_utils.ppo_core import build_rollout_batch
-from marl_utils.profiles import PROFILES
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
+from marl_utils.ppo.config import PPOConfig
+from marl_utils.ppo.maths import build_rollout_batch
+from marl_utils.infra.profiles import PROFILES
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")

@@ -12,13 +12,13 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils.bench import format_table, peak_rss_bytes, reset_peak_rss, rss_bytes, run_bench
-from marl_utils.bench_floor import Floor, StepShape, gae, response_logprobs
-from marl_utils.bench_layouts import BASE_SIZES, left_padded, load_layout, policy_lora_config
-from marl_utils.bench_memory import resident_bytes
-from marl_utils.bench_ratio import NOT_YET, PHASES, compare_to_floor, critic_adapter_supported, summarise_runs
-from marl_utils.errors import MarlInputError
-from marl_utils.profiles import PROFILES
+from marl_utils.bench.command import format_table, peak_rss_bytes, reset_peak_rss, rss_bytes, run_bench
+from marl_utils.bench.floor import Floor, StepShape, gae, response_logprobs
+from marl_utils.bench.layouts import BASE_SIZES, left_padded, load_layout, policy_lora_config
+from marl_utils.bench.memory import resident_bytes
+from marl_utils.bench.ratio import NOT_YET, PHASES, compare_to_floor, critic_adapter_supported, summarise_runs
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.infra.profiles import PROFILES
 
 TEST_LAYOUTS = ["marl_fp32", "critic_fp32", "marl_8bit", "marl_4bit", "separate_fp32"]
 SHAPE = StepShape(batch=4, new_tokens=4, ppo_epochs=2, minibatches=2)

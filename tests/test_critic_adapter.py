@@ -18,11 +18,11 @@ from stand_ins import LORA_TARGETS, MAKE_BASE, make_reward_adapter, make_tokeniz
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils.errors import MarlInputError
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead
-from marl_utils.ppo import PPOTrainer
-from marl_utils.ppo_config import PPOConfig
-from marl_utils.ppo_core import build_rollout_batch
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
+from marl_utils.ppo.trainer import PPOTrainer
+from marl_utils.ppo.config import PPOConfig
+from marl_utils.ppo.maths import build_rollout_batch
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -147,7 +147,7 @@ def test_critic_started_from_the_reward_adapter(stand_ins):
     assert torch.equal(model.v_head.linear.weight, model.reward_head.weight)
     assert all(p.requires_grad for p in model.critic_parameters())
     assert not any(p.requires_grad for p in model.pretrained_model.parameters() if any(
-        p is q for q in __import__("marl_utils.critic", fromlist=["x"]).adapter_parameters(model.pretrained_model,
+        p is q for q in __import__("marl_utils.model.critic_adapter", fromlist=["x"]).adapter_parameters(model.pretrained_model,
                                                                                           "reward_adapter")))
     # at the start the critic's value of a text is the reward model's score of it
     batch = {"input_ids": torch.tensor([[3, 4, 5, 6, 7]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}

@@ -1,4 +1,4 @@
-"""The critic comparison of notebook 06 (marl_utils.critic_report): rows, seed tables, bytes, the figure, one run."""
+"""The critic comparison of notebook 06 (marl_utils.display.critic_report): rows, seed tables, bytes, the figure, one run."""
 
 import os
 import statistics
@@ -10,14 +10,14 @@ from stand_ins import LORA_TARGETS, make_reward_adapter, make_tiny_llama, make_t
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils import critic_report
-from marl_utils.critic_report import (CONTROLS, CRITICS, CriticRun, build_trainer, critic_bytes, critic_kwargs,
+from marl_utils.display import critic_report
+from marl_utils.display.critic_report import (CONTROLS, CRITICS, CriticRun, build_trainer, critic_bytes, critic_kwargs,
                                       format_seed_table, plot_critics, run_critics, seconds_per_step, seed_table,
                                       summarize, train_side_by_side, window_mean)
-from marl_utils.errors import MarlInputError
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead
-from marl_utils.notebook_helpers import storage_bytes
-from marl_utils.ppo_config import PPOConfig
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
+from marl_utils.display.notebook_helpers import storage_bytes
+from marl_utils.ppo.config import PPOConfig
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")

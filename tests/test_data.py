@@ -1,4 +1,4 @@
-"""The offline corpus (marl_utils.corpus) and the dataset loader (marl_utils.data)."""
+"""The offline corpus (marl_utils.data.corpus) and the dataset loader (marl_utils.data.loading)."""
 
 import json
 import re
@@ -7,10 +7,10 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-import marl_utils.data as data_mod
-from marl_utils.corpus import NEGATION, NEGATIVE, POSITIVE, generate_corpus, generate_reviews, write_corpus
-from marl_utils.data import OFFLINE_DIR, clean_text, load_imdb
-from marl_utils.errors import MarlInputError
+import marl_utils.data.loading as data_mod
+from marl_utils.data.corpus import NEGATION, NEGATIVE, POSITIVE, generate_corpus, generate_reviews, write_corpus
+from marl_utils.data.loading import OFFLINE_DIR, clean_text, load_imdb
+from marl_utils.infra.errors import MarlInputError
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_shipped_files_equal_generator_output(corpus):
     for split in ("train", "test"):
         shipped = pd.read_parquet(OFFLINE_DIR / f"{split}.parquet")
         assert list(shipped.columns) == ["text", "label"]
-        assert shipped.to_dict("records") == corpus[split], f"regenerate with python -m marl_utils.corpus"
+        assert shipped.to_dict("records") == corpus[split], f"regenerate with python -m marl_utils.data.corpus"
 
 
 def test_corpus_is_deterministic_and_seeded(corpus):

@@ -20,10 +20,10 @@ from stand_ins import LORA_TARGETS, MAKE_BASE, make_reward_adapter, make_tokeniz
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead
-from marl_utils.ppo import PPOTrainer
-from marl_utils.ppo_config import PPOConfig
-from marl_utils.ppo_core import build_rollout_batch
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
+from marl_utils.ppo.trainer import PPOTrainer
+from marl_utils.ppo.config import PPOConfig
+from marl_utils.ppo.maths import build_rollout_batch
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:mixed precision bf16 is on")
@@ -139,7 +139,7 @@ def test_bf16_autocast_everywhere_gives_zero_kl_at_step_zero(stand_in, tok, fuse
 
 
 def test_a_second_precision_in_one_process_is_a_clear_error(stand_in, tok, fresh_accelerator_state):
-    from marl_utils.errors import MarlInputError
+    from marl_utils.infra.errors import MarlInputError
 
     PPOTrainer(config(mixed_precision="no"), make_model(stand_in), tok)
     with pytest.raises(MarlInputError, match="one process uses one setting"):
@@ -147,7 +147,7 @@ def test_a_second_precision_in_one_process_is_a_clear_error(stand_in, tok, fresh
 
 
 def test_auto_precision_follows_the_hardware(stand_in, tok, fresh_accelerator_state, monkeypatch):
-    from marl_utils import precision
+    from marl_utils.model import precision
 
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
     trainer = PPOTrainer(config(mixed_precision="auto"), make_model(stand_in), tok)

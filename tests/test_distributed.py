@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file
 from stand_ins import make_reward_adapter, make_tiny_llama
 
-from marl_utils.checkpoint import latest_checkpoint
+from marl_utils.ppo.checkpoint import latest_checkpoint
 
 WORKER = Path(__file__).with_name("dist_ppo_worker.py")
 STEPS = 3

@@ -23,9 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import ppo_worker
 from stand_ins import make_reward_adapter, make_tiny_llama
 
-from marl_utils.checkpoint import latest_checkpoint, load_checkpoint
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead
-from marl_utils.profiles import PROFILES
+from marl_utils.ppo.checkpoint import latest_checkpoint, load_checkpoint
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
+from marl_utils.infra.profiles import PROFILES
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -150,8 +150,8 @@ def interrupt_after(cls, method: str, monkeypatch, when=lambda path: True):
 @pytest.fixture(scope="module")
 def stages_done(tmp_path_factory):
     """A run folder with the tiny base and stages 1-2 done at QUICK sizes; tests copy what they need from it."""
-    from marl_utils.reward import train_reward_adapter
-    from marl_utils.sft import train_sft
+    from marl_utils.stages.reward import train_reward_adapter
+    from marl_utils.stages.sft import train_sft
 
     out = tmp_path_factory.mktemp("stages")
     train_sft(QUICK, out, progress=False)
@@ -174,7 +174,7 @@ def copy_run(done: Path, out: Path, *stages) -> Path:
 def test_interrupted_sft_save_leaves_no_sft_folder(stages_done, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
-    from marl_utils.sft import train_sft
+    from marl_utils.stages.sft import train_sft
 
     out = copy_run(stages_done, tmp_path / "out", "base")  # the tiny base is not rebuilt
     interrupt_after(PreTrainedModel, "save_pretrained", monkeypatch)
@@ -186,7 +186,7 @@ def test_interrupted_sft_save_leaves_no_sft_folder(stages_done, tmp_path, monkey
 def test_interrupted_reward_save_leaves_no_reward_folder(stages_done, tmp_path, monkeypatch):
     from peft import PeftModel
 
-    from marl_utils.reward import train_reward_adapter
+    from marl_utils.stages.reward import train_reward_adapter
 
     out = copy_run(stages_done, tmp_path / "out", "sft")
     interrupt_after(PeftModel, "save_pretrained", monkeypatch)
@@ -196,7 +196,7 @@ def test_interrupted_reward_save_leaves_no_reward_folder(stages_done, tmp_path, 
 
 
 def test_interrupted_ppo_save_leaves_no_ppo_folder(stages_done, tmp_path, monkeypatch):
-    from marl_utils.pipeline import train_ppo
+    from marl_utils.stages.ppo import train_ppo
 
     out = copy_run(stages_done, tmp_path / "out", "sft", "reward_adapter")
     # the stage folder's save, not a PPO checkpoint's (those go to OUT/ppo_checkpoints/)
@@ -237,7 +237,7 @@ def test_marl_ppo_killed_then_resumed_with_the_command(stages_done, tmp_path, mo
 def test_interrupted_plot_keeps_the_previous_png(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    from marl_utils.plotting import plot_curves
+    from marl_utils.display.plots import plot_curves
 
     png = tmp_path / "plots" / "ppo.png"
     plot_curves([{"reward": 0.0}, {"reward": 1.0}], ["reward"], save_to=png)

@@ -12,10 +12,10 @@ from stand_ins import LORA_TARGETS, MAKE_BASE, make_reward_adapter, make_tokeniz
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead
-from marl_utils.ppo import PPOTrainer
-from marl_utils.ppo_config import PPOConfig
-from marl_utils.ppo_core import build_rollout_batch
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
+from marl_utils.ppo.trainer import PPOTrainer
+from marl_utils.ppo.config import PPOConfig
+from marl_utils.ppo.maths import build_rollout_batch
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")

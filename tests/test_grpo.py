@@ -10,10 +10,10 @@ from stand_ins import LORA_TARGETS, TEXTS, make_reward_adapter, make_tiny_llama,
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils.errors import MarlInputError
-from marl_utils.grpo import GRPOSettings, build_trainer, grpo_settings, quiet_trl, round_history
-from marl_utils.grpo_reward import reward_adapter_reward
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.grpo.trainers import GRPOSettings, build_trainer, grpo_settings, quiet_trl, round_history
+from marl_utils.grpo.reward_function import reward_adapter_reward
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
 
 torch.set_num_threads(1)
 # A few rounds of 8 completions (2 prompts x 4), 6 new tokens: every TRL code path, in seconds.
@@ -253,7 +253,7 @@ def test_wrapped_models_unwrap(parts, tokenizer, tmp_path):
 
 
 def test_settings_follow_the_profile_and_refuse_bad_sizes():
-    from marl_utils.profiles import PROFILES
+    from marl_utils.infra.profiles import PROFILES
 
     tiny = PROFILES["tiny"]
     s = grpo_settings(tiny)
@@ -272,7 +272,7 @@ def test_marl_grpo_and_run_algo_write_their_folders(tmp_path, monkeypatch):
     from test_pipeline import TOY
 
     from marl_utils.cli import main
-    from marl_utils.profiles import PROFILES
+    from marl_utils.infra.profiles import PROFILES
 
     monkeypatch.setitem(PROFILES, "tiny", TOY)
     out = tmp_path / "run"

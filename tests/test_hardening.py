@@ -19,11 +19,11 @@ from stand_ins import LORA_TARGETS, make_reward_adapter, make_tiny_llama, make_t
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils import ppo_core
-from marl_utils.errors import MarlInputError
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead
-from marl_utils.ppo import PPOTrainer, has_accelerator
-from marl_utils.ppo_config import PPOConfig
+from marl_utils.ppo.trainer import maths as ppo_core
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
+from marl_utils.ppo.trainer import PPOTrainer, has_accelerator
+from marl_utils.ppo.config import PPOConfig
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -230,7 +230,7 @@ def test_a_failed_step_leaves_no_half_applied_update(stand_in, tok, monkeypatch)
         calls.append(1)
         return (loss * float("nan") if len(calls) == 3 else loss), stats
 
-    monkeypatch.setattr("marl_utils.ppo.policy_loss", loss_that_breaks_on_the_third_minibatch)
+    monkeypatch.setattr("marl_utils.ppo.trainer.policy_loss", loss_that_breaks_on_the_third_minibatch)
     with pytest.raises(FloatingPointError, match="no update of this step was kept"):
         trainer.step(*rollouts(tok))
     assert len(calls) == 3  # two minibatches were applied before the NaN, and rolled back

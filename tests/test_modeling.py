@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils.errors import MarlInputError
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead, ValueHead, last_token_index
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead, ValueHead, last_token_index
 
 torch.set_num_threads(1)
 KINDS = ["llama", "gpt2"]

@@ -1,4 +1,4 @@
-"""Live curves, the PPO diagnostics figure and the roles diagram (marl_utils.live_curves, plotting, roles_diagram)."""
+"""Live curves, the PPO diagnostics figure and the roles diagram (marl_utils.display.live_curves, plotting, roles_diagram)."""
 
 import base64
 
@@ -8,9 +8,9 @@ import pytest
 matplotlib.use("Agg")
 
 from marl_utils import MarlInputError
-from marl_utils.live_curves import LiveCurves
-from marl_utils.plotting import PPO_DIAGNOSTICS, plot_ppo_diagnostics
-from marl_utils.roles_diagram import ROLES, draw_roles_diagram
+from marl_utils.display.live_curves import LiveCurves
+from marl_utils.display.plots import PPO_DIAGNOSTICS, plot_ppo_diagnostics
+from marl_utils.display.roles_diagram import ROLES, draw_roles_diagram
 
 
 def entry(step, reward):

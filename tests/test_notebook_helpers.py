@@ -1,4 +1,4 @@
-"""Memory footprint of a multi-adapter model, part by part (marl_utils.notebook_helpers, notebooks 04-05)."""
+"""Memory footprint of a multi-adapter model, part by part (marl_utils.display.notebook_helpers, notebooks 04-05)."""
 
 import os
 import warnings
@@ -10,9 +10,9 @@ from stand_ins import LORA_TARGETS, make_reward_adapter, make_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils import notebook_helpers
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead
-from marl_utils.notebook_helpers import (adapter_cost, dequantized_weight, footprint, footprint_rows, median_seconds,
+from marl_utils.display import notebook_helpers
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
+from marl_utils.display.notebook_helpers import (adapter_cost, dequantized_weight, footprint, footprint_rows, median_seconds,
                                         plot_footprint, plot_runs, storage_bytes)
 
 torch.set_num_threads(1)
@@ -150,7 +150,7 @@ def test_plot_runs_overlays_one_line_per_run(tmp_path):
 
 def test_dequantized_weight_is_what_the_layer_computes_with(paths):
     pytest.importorskip("bitsandbytes")
-    from marl_utils.quantization import quantized_linear_layers
+    from marl_utils.model.quantization import quantized_linear_layers
 
     fp32 = dict(load(paths).named_modules())
     errors = {}
@@ -184,7 +184,7 @@ def test_plot_footprint_stacks_the_parts(paths, tmp_path):
 
 
 def test_token_count_panels_start_at_zero():
-    from marl_utils.plotting import plot_curves
+    from marl_utils.display.plots import plot_curves
 
     history = [{"ppo/response_tokens_mean": 19.6, "r": 1.0}, {"ppo/response_tokens_mean": 20.0, "r": 2.0}]
     for fig in (plot_curves(history, ["r", "ppo/response_tokens_mean"]),
@@ -207,7 +207,7 @@ def test_dequantized_weight_comes_back_on_the_cpu():
 
 
 def test_fastest_threads_keeps_the_quicker_count(monkeypatch):
-    from marl_utils.notebook_helpers import fastest_threads
+    from marl_utils.display.notebook_helpers import fastest_threads
 
     before = torch.get_num_threads()
     clock = [0.0]
@@ -224,7 +224,7 @@ def test_fastest_threads_keeps_the_quicker_count(monkeypatch):
 
 
 def test_set_cpu_threads_leaves_big_and_gpu_models_alone():
-    from marl_utils.notebook_helpers import set_cpu_threads
+    from marl_utils.display.notebook_helpers import set_cpu_threads
 
     before = torch.get_num_threads()
     try:
@@ -236,7 +236,7 @@ def test_set_cpu_threads_leaves_big_and_gpu_models_alone():
 
 
 def test_set_cpu_threads_times_a_small_model_without_side_effects(paths, tmp_path):
-    from marl_utils.notebook_helpers import set_cpu_threads
+    from marl_utils.display.notebook_helpers import set_cpu_threads
 
     base, _ = paths  # a reward adapter with LoRA on the input embeddings too, as stage 2 trains it for tiny
     model = load((base, str(make_reward_adapter(base, tmp_path / "rm", target_modules=LORA_TARGETS["llama"]
@@ -254,7 +254,7 @@ def test_set_cpu_threads_times_a_small_model_without_side_effects(paths, tmp_pat
 
 
 def test_rounded_prints_short_numbers():
-    from marl_utils.notebook_helpers import rounded
+    from marl_utils.display.notebook_helpers import rounded
 
     values = torch.tensor([0.96, -1.23456], dtype=torch.float32)
     assert values.round(decimals=2).tolist()[0] != 0.96  # the float32 noise this helper exists for
@@ -264,14 +264,14 @@ def test_rounded_prints_short_numbers():
 
 
 def test_readable_marks_broken_characters():
-    from marl_utils.notebook_helpers import readable
+    from marl_utils.display.notebook_helpers import readable
 
     cut = b"caf\xc3".decode("utf-8", errors="replace")  # a response stopped inside a two-byte character
     assert readable(cut + " ok") == "caf? ok" and readable("plain") == "plain"
 
 
 def test_exercise_dir_is_a_fresh_folder_inside_the_run(tmp_path):
-    from marl_utils.notebook_helpers import exercise_dir, parameter_share
+    from marl_utils.display.notebook_helpers import exercise_dir, parameter_share
 
     folder = exercise_dir(tmp_path / "tiny", "01-40-steps")
     assert folder == tmp_path / "tiny" / "exercises" / "01-40-steps" and not folder.exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from marl_utils.profiles import Profile
+from marl_utils.infra.profiles import Profile
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"

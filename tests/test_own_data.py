@@ -10,11 +10,11 @@ import pytest
 from stand_ins import make_tiny_gpt2, make_tokenizer
 
 from marl_utils.cli import main
-from marl_utils.data import load_imdb
-from marl_utils.pipeline import ppo_learning_note
-from marl_utils.profiles import PROFILES
-from marl_utils.reward import reward_epochs, reward_learning_note
-from marl_utils.sft import count_tokens, sft_epochs, sft_learning_note
+from marl_utils.data.loading import load_imdb
+from marl_utils.stages.ppo import ppo_learning_note
+from marl_utils.infra.profiles import PROFILES
+from marl_utils.stages.reward import reward_epochs, reward_learning_note
+from marl_utils.stages.sft import count_tokens, sft_epochs, sft_learning_note
 
 from test_pipeline import TOY
 from test_stages import SMALL
@@ -52,8 +52,8 @@ def test_budgets_give_a_small_file_more_epochs_than_the_shipped_corpus():
 
 def test_the_trainers_run_the_budgeted_epochs(tmp_path):
     """End to end: the epochs computed from the budget are the epochs SFTTrainer and RewardTrainer ran."""
-    from marl_utils.reward import train_reward_adapter
-    from marl_utils.sft import train_sft
+    from marl_utils.stages.reward import train_reward_adapter
+    from marl_utils.stages.sft import train_sft
 
     profile = SMALL.replace(sft_max_steps=-1, sft_max_train_examples=64, sft_token_budget=1500, sft_max_epochs=20,
                             reward_max_steps=-1, reward_train_pairs=16, reward_pair_budget=96, reward_max_epochs=10)
@@ -103,15 +103,16 @@ def test_every_stage_command_takes_base_model(command, gpt2_base, tmp_path, monk
     def record(profile, *args, **kwargs):
         seen["base_model"] = profile.base_model
 
-    import marl_utils.grpo_stage as grpo
-    import marl_utils.pipeline as pipeline
-    import marl_utils.reward as reward
-    import marl_utils.sft as sft
+    import marl_utils.stages.grpo as grpo
+    import marl_utils.stages.pipeline as pipeline
+    import marl_utils.stages.ppo as ppo_stage
+    import marl_utils.stages.reward as reward
+    import marl_utils.stages.sft as sft
 
     monkeypatch.setattr(grpo, "train_grpo", record)
     monkeypatch.setattr(sft, "train_sft", record)
     monkeypatch.setattr(reward, "train_reward_adapter", record)
-    monkeypatch.setattr(pipeline, "run_ppo_stage", record)
+    monkeypatch.setattr(ppo_stage, "run_ppo_stage", record)
     monkeypatch.setattr(pipeline, "run_pipeline", record)
     assert main([command, "--profile", "tiny", "--base-model", str(gpt2_base), "--output-dir", str(tmp_path)]) == 0
     assert seen["base_model"] == str(gpt2_base.resolve())
@@ -120,7 +121,7 @@ def test_every_stage_command_takes_base_model(command, gpt2_base, tmp_path, monk
 # ---------------------------------------------------------------------------------------------- learned nothing
 def test_random_labels_give_chance_accuracy_and_a_note(tmp_path, capsys):
     """Real review texts with coin-flip labels: nothing to learn, so stage 2 must say so when it ends."""
-    from marl_utils.reward import train_reward_adapter
+    from marl_utils.stages.reward import train_reward_adapter
 
     rows = load_imdb()["train"].select(range(4000)).to_pandas()  # 800 test rows: 400 held-out pairs
     rows["label"] = [random.Random(i).randint(0, 1) for i in range(len(rows))]

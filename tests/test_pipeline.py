@@ -5,7 +5,7 @@ import json
 import pytest
 
 from marl_utils.cli import main
-from marl_utils.profiles import PROFILES
+from marl_utils.infra.profiles import PROFILES
 
 from test_stages import SMALL
 

@@ -1,13 +1,13 @@
-"""The PPO maths (marl_utils.ppo_core), each formula against a slow obvious version (CleanRL style)."""
+"""The PPO maths (marl_utils.ppo.maths), each formula against a slow obvious version (CleanRL style)."""
 
 import math
 
 import pytest
 import torch
 
-from marl_utils.errors import MarlInputError
-from marl_utils.ppo_config import PPOConfig
-from marl_utils.ppo_core import (AdaptiveKLController, FixedKLController, RunningMoments, compute_gae,
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.ppo.config import PPOConfig
+from marl_utils.ppo.maths import (AdaptiveKLController, FixedKLController, RunningMoments, compute_gae,
                                  compute_rewards, entropy_from_logits, explained_variance, kl_penalty,
                                  last_masked_index, logprobs_from_logits, masked_mean, masked_var, masked_whiten,
                                  policy_loss, value_loss)

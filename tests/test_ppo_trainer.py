@@ -1,4 +1,4 @@
-"""The PPO trainer (marl_utils.ppo, marl_utils.checkpoint) on tiny local stand-ins: the (T) items of
+"""The PPO trainer (marl_utils.ppo.trainer, marl_utils.ppo.checkpoint) on tiny local stand-ins: the (T) items of
 shared/docs/ppo_checklist.md, bad input, and checkpoints."""
 
 import json
@@ -12,15 +12,15 @@ from stand_ins import LORA_TARGETS, MAKE_BASE, make_reward_adapter, make_tokeniz
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils import checkpoint as checkpoint_module
-from marl_utils.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from marl_utils.errors import MarlInputError
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead
-from marl_utils.ppo import PPOTrainer
-from marl_utils.ppo_config import PPOConfig
-from marl_utils.ppo_core import (build_rollout_batch, cut_after_eos, distinct_n, entropy_from_logits,
+from marl_utils.ppo.trainer import checkpoint as checkpoint_module
+from marl_utils.ppo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
+from marl_utils.ppo.trainer import PPOTrainer
+from marl_utils.ppo.config import PPOConfig
+from marl_utils.ppo.maths import (build_rollout_batch, cut_after_eos, distinct_n, entropy_from_logits,
                                  logprobs_from_logits)
-from marl_utils.rollout import policy_forward, reference_forward
+from marl_utils.ppo.rollout import policy_forward, reference_forward
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:.*min_new_tokens.*")
@@ -442,7 +442,7 @@ torch.set_num_threads(1)
 from stand_ins import make_tokenizer
 from test_ppo_trainer import config, make_model, prompts
 from types import SimpleNamespace
-from marl_utils.ppo import PPOTrainer
+from marl_utils.ppo.trainer import PPOTrainer
 
 tok = make_tokenizer()
 model = make_model(SimpleNamespace(kind="llama", base=sys.argv[2], adapter=sys.argv[3]))

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from marl_utils import profiles
+from marl_utils.infra import profiles
 from marl_utils.cli import main
-from marl_utils.errors import MarlInputError
-from marl_utils.profiles import PROFILES, resolve_profile
-from marl_utils.runs import prepare_run_dir
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.infra.profiles import PROFILES, resolve_profile
+from marl_utils.infra.runs import prepare_run_dir
 
 
 def test_env_var_selects_profile(monkeypatch):
@@ -98,7 +98,7 @@ def test_gpt2_bars_fit_a_pretrained_base_and_lora_settings():
 
 @pytest.mark.parametrize("name", ["tiny", "gpt2-imdb"])
 def test_ppo_config_reads_the_guard_and_the_value_head_rate_from_the_profile(name):
-    from marl_utils.pipeline import ppo_config
+    from marl_utils.stages.ppo_parts import ppo_config
 
     profile = PROFILES[name]
     config = ppo_config(profile)

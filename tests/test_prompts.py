@@ -3,9 +3,9 @@
 import pytest
 from transformers import AutoTokenizer
 
-from marl_utils.errors import MarlInputError
-from marl_utils.prompts import load_prompts
-from marl_utils.tiny_base import train_tokenizer
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.data.prompts import load_prompts
+from marl_utils.data.tiny_base import train_tokenizer
 
 TEXTS = [f"this film number {i} was a story about a family and the acting was fine" for i in range(50)]
 

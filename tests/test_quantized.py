@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils.errors import MarlInputError
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead
-from marl_utils.quantization import disable_cpu_inference_packing, quantized_linear_layers
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
+from marl_utils.model.quantization import disable_cpu_inference_packing, quantized_linear_layers
 
 bnb = pytest.importorskip("bitsandbytes")
 torch.set_num_threads(1)

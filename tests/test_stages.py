@@ -8,10 +8,10 @@ import torch
 from safetensors import safe_open
 
 from marl_utils.cli import main
-from marl_utils.errors import MarlInputError
-from marl_utils.profiles import PROFILES
-from marl_utils.reward import check_sft_dir, load_reward_model, score_texts, train_reward_adapter
-from marl_utils.sft import train_sft
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.infra.profiles import PROFILES
+from marl_utils.stages.reward import check_sft_dir, load_reward_model, score_texts, train_reward_adapter
+from marl_utils.stages.sft import train_sft
 
 SMALL = PROFILES["tiny"].replace(
     sft_max_steps=12, sft_learning_rate=1e-2, sft_batch_size=8, sft_max_train_examples=200, sft_eval_examples=16, sft_max_length=64,
@@ -104,7 +104,7 @@ def test_one_label_dataset_is_rejected_before_training(tmp_path):
 
 
 def _review_csv(path, n=60):
-    from marl_utils.corpus import generate_corpus
+    from marl_utils.data.corpus import generate_corpus
 
     rows = generate_corpus(n_train=n, n_test=2)["train"]
     import csv
@@ -166,7 +166,7 @@ def test_sft_in_steps_equals_train_sft(small_run, tmp_path):
     """What notebook 01 does cell by cell gives the numbers of the one-call `train_sft`."""
     from trl import SFTTrainer
 
-    from marl_utils.sft import finish_sft, one_progress_bar, prepare_sft, sft_config
+    from marl_utils.stages.sft import finish_sft, one_progress_bar, prepare_sft, sft_config
 
     inputs = prepare_sft(SMALL, tmp_path / "run")
     assert inputs.train_dataset.column_names == ["text"] and len(inputs.eval_texts) == SMALL.sft_eval_examples
@@ -185,8 +185,8 @@ def test_reward_in_steps_equals_train_reward_adapter(small_run, tmp_path):
     """What notebook 02 does cell by cell gives the numbers of the one-call `train_reward_adapter`."""
     from trl import RewardTrainer
 
-    from marl_utils.reward import finish_reward, prepare_reward, reward_config, reward_lora_config
-    from marl_utils.sft import one_progress_bar, quiet_trainer_setup
+    from marl_utils.stages.reward import finish_reward, prepare_reward, reward_config, reward_lora_config
+    from marl_utils.stages.sft import one_progress_bar, quiet_trainer_setup
 
     out, _, reward = small_run
     inputs = prepare_reward(SMALL, tmp_path / "run", sft_dir=out / "sft")
@@ -205,7 +205,7 @@ def test_stage_logs_are_one_bar_and_a_summary_without_library_warnings(tmp_path,
     """No loss dicts on screen (the rows stay in log_history), no FutureWarnings the learner did not cause."""
     import warnings
 
-    from marl_utils.known_warnings import silence_known_library_warnings
+    from marl_utils.infra.known_warnings import silence_known_library_warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -226,8 +226,8 @@ def test_stage_logs_are_one_bar_and_a_summary_without_library_warnings(tmp_path,
 def test_untrained_passes_run_on_the_training_device(monkeypatch, tmp_path, small_run):
     """The measurements before training (thousands of forwards on gpt2-imdb) must not run on the CPU when the
     Trainer would use a GPU: the model moves first. `meta` stands in for the GPU here."""
-    import marl_utils.reward as reward_mod
-    import marl_utils.sft as sft_mod
+    import marl_utils.stages.reward as reward_mod
+    import marl_utils.stages.sft as sft_mod
 
     meta = torch.device("meta")
     seen = []

@@ -11,7 +11,7 @@ layers):
    project's PPOTrainer on the MARL model, the separate-models layout and the critic adapter (once it
    exists), interleaved step by step; medians per phase and the ratios ours / floor.
 2. Memory, CPU and fp32 compute only (skipped otherwise; `bench_memory.py`): each layout x weight precision in
-   its OWN process (`python -m marl_utils.bench_memory --layout ...`), so its peak resident set is its own:
+   its OWN process (`python -m marl_utils.bench.memory --layout ...`), so its peak resident set is its own:
    - param_bytes: the bytes its modules hold (parameters, buffers, bitsandbytes scales), shared storage once;
    - baseline_rss_bytes: its resident set right after the imports (torch + transformers + peft), before any
      model; peak_rss_bytes: its peak over its whole life; model RSS = peak - baseline;
@@ -32,10 +32,10 @@ import platform
 import subprocess
 from pathlib import Path
 
-from .atomic import atomic_write_json
-from .bench_memory import (DEFAULT_LAYOUTS, LAYOUTS, format_memory_table, measure_memory, peak_rss_bytes,
+from ..infra.atomic import atomic_write_json
+from .memory import (DEFAULT_LAYOUTS, LAYOUTS, format_memory_table, measure_memory, peak_rss_bytes,
                            plot_memory, reset_peak_rss, rss_bytes, summarise)
-from .errors import MarlInputError
+from ..infra.errors import MarlInputError
 
 __all__ = ["run_bench", "format_table", "summarise", "LAYOUTS", "DEFAULT_LAYOUTS", "peak_rss_bytes",
            "reset_peak_rss", "rss_bytes"]
@@ -53,8 +53,8 @@ PHASES = {
 
 def format_table(summary: dict) -> str:
     """The printed tables: ratios to the compute floor, then memory (when measured)."""
-    from .bench_profile import format_profile
-    from .bench_ratio import format_ratio_table
+    from .profile_step import format_profile
+    from .ratio import format_ratio_table
 
     parts = []
     if summary.get("floor_comparison"):
@@ -73,7 +73,7 @@ def plot_bench(summary: dict, save_to) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .bench_ratio import plot_ratios
+    from .ratio import plot_ratios
 
     panels = [key for key in ("floor_comparison", "layouts") if summary.get(key)]
     fig = Figure(figsize=(7.5 * len(panels), 4.2))
@@ -95,7 +95,7 @@ def plot_bench(summary: dict, save_to) -> None:
 
 
 def _check_arguments(base_size, steps, layouts, precision, device, jobs, time_budget, memory_steps) -> None:
-    from .bench_layouts import BASE_SIZES
+    from .layouts import BASE_SIZES
 
     if base_size not in BASE_SIZES:
         raise MarlInputError(f"base_size={base_size!r} is not known; use one of {sorted(BASE_SIZES)}")
@@ -148,14 +148,14 @@ def run_bench(profile, output_dir=None, base_size: str = "mid", steps: int = 5, 
     `compare`: the layouts timed against the floor (default `bench_ratio.LAYOUTS`: marl, separate, critic_adapter).
     Writes OUT/bench.json and OUT/plots/bench.png; returns the json. Weights are random.
     """
-    from .bench_layouts import BENCH_LORA, QUANTIZED_NOTE, RANDOM_WEIGHTS_NOTE, STEP_SHAPES
-    from .runs import default_output_dir, prepare_run_dir
+    from .layouts import BENCH_LORA, QUANTIZED_NOTE, RANDOM_WEIGHTS_NOTE, STEP_SHAPES
+    from ..infra.runs import default_output_dir, prepare_run_dir
 
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    from .bench_ratio import LAYOUTS as TIMED
+    from .ratio import LAYOUTS as TIMED
 
     layouts = list(layouts or DEFAULT_LAYOUTS.get(base_size, ()))
     compare = tuple(TIMED if compare is None else compare)
@@ -164,7 +164,7 @@ def run_bench(profile, output_dir=None, base_size: str = "mid", steps: int = 5, 
     if unknown:
         raise MarlInputError(f"compare={list(compare)}: {unknown} are not timed layouts; choose from {list(TIMED)}")
     if any(not name.endswith("fp32") for name in layouts) and _memory_skipped(memory, device, precision) is None:
-        from .quantization import require_bitsandbytes
+        from ..model.quantization import require_bitsandbytes
 
         require_bitsandbytes("the 8-bit and 4-bit layouts of `marl bench`")
     shape = shape or STEP_SHAPES[base_size]
@@ -177,8 +177,8 @@ def run_bench(profile, output_dir=None, base_size: str = "mid", steps: int = 5, 
     inputs_file = out / "bench" / f"inputs-{base_size}.json"
     atomic_write_json(inputs_file, inputs)
 
-    from .bench_profile import profile_minibatch
-    from .bench_ratio import compare_to_floor
+    from .profile_step import profile_minibatch
+    from .ratio import compare_to_floor
 
     with _torch_threads(threads):
         comparison = compare_to_floor(inputs, shape, precision=precision, device=device, steps=steps,
@@ -210,7 +210,7 @@ def run_bench(profile, output_dir=None, base_size: str = "mid", steps: int = 5, 
 
 
 def _prepare(out: Path, base_size: str, lora: dict, batch: int) -> dict:
-    from .bench_layouts import prepare_bench_models
+    from .layouts import prepare_bench_models
 
     return prepare_bench_models(out / "bench", base_size, lora, batch=batch)
 
@@ -230,7 +230,7 @@ def _torch_threads(threads: int):
 
 def _code_version() -> dict:
     """The commit measured and the package files that differed from it (others edit the trainer meanwhile)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "marl_utils"], cwd=root, capture_output=True,
@@ -242,7 +242,7 @@ def _code_version() -> dict:
 
 
 def _command(base_size, steps, precision, device, memory, time_budget, profile_step, compare) -> str:
-    from .bench_ratio import LAYOUTS as TIMED_DEFAULT
+    from .ratio import LAYOUTS as TIMED_DEFAULT
 
     words = ["marl bench", f"--base-size {base_size}", f"--steps {steps}", f"--precision {precision}",
              f"--device {device}"]

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir
-from .bench_floor import StepShape, autocast, gae, ppo_loss, response_logprobs, synchronize
-from .bench_memory import release_checkpoint_pages
-from .modeling import AutoModelForCausalLMWithValueHead, position_ids_from_mask
-from .profiles import PROFILES
-from .quantization import disable_cpu_inference_packing, quantization_config_from_flags
-from .reward_adapter import read_shapes
+from ..infra.atomic import atomic_dir
+from .floor import StepShape, autocast, gae, ppo_loss, response_logprobs, synchronize
+from ..model.multi_adapter_model import AutoModelForCausalLMWithValueHead, position_ids_from_mask
+from ..infra.profiles import PROFILES
+from ..model.quantization import disable_cpu_inference_packing, quantization_config_from_flags
+from ..model.reward_adapter import read_shapes
 
 SPEC_FILE = "bench_spec.json"
 PRECISIONS = {"fp32": {}, "8bit": dict(load_in_8bit=True), "4bit": dict(load_in_4bit=True)}
@@ -83,7 +82,7 @@ def _random_base(tokenizer, sizes: dict, seed: int):
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         return model
-    from .tiny_base import build_tiny_llama
+    from ..data.tiny_base import build_tiny_llama
 
     return build_tiny_llama(tokenizer, seed=seed, **sizes)
 
@@ -94,7 +93,7 @@ def build_bench_base(out_dir: Path, sizes: dict, texts, seed: int = 0) -> None:
     The corpus has fewer distinct words than `vocab_size`; the model keeps the full vocabulary anyway,
     because the embedding's share of the weights (and of the LM head's work) is what a real model has.
     """
-    from .tiny_base import train_tokenizer
+    from ..data.tiny_base import train_tokenizer
 
     tokenizer = train_tokenizer(texts, vocab_size=sizes["vocab_size"])
     model = _random_base(tokenizer, sizes, seed)
@@ -140,7 +139,7 @@ def prepare_bench_models(bench_dir, base_size: str, lora: dict, batch: int = 8, 
     """Build (or reuse) the base, reward adapter and merged reward model; return what a layout process needs."""
     from transformers import AutoTokenizer
 
-    from .data import load_imdb
+    from ..data.loading import load_imdb
 
     sizes = BASE_SIZES[base_size]
     bench_dir = Path(bench_dir)
@@ -247,6 +246,25 @@ class SeparateLayout:
 
     def trainable_parameters(self):
         return [p for p in self.policy.parameters() if p.requires_grad] + list(self.value.score.parameters())
+
+
+def release_checkpoint_pages(model) -> None:
+    """Copy the unquantized tensors of a quantized model into process memory.
+
+    transformers memory-maps the safetensors file. After on-the-fly quantization only the embeddings and
+    norms still point into that mapping, but they keep the WHOLE file mapped, so the float32 pages read while
+    quantizing would stay in the resident set for the whole run. A GPU would hold only the quantized weights.
+    """
+    quantized = tuple(type(p) for p in model.parameters() if type(p).__module__.startswith("bitsandbytes"))
+    copies = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for tensor in store.values():
+                if tensor is None or isinstance(tensor, quantized) or tensor.device.type != "cpu":
+                    continue
+                key = tensor.untyped_storage().data_ptr()
+                copy = copies.setdefault(key, tensor.data.clone())  # tied weights stay tied
+                tensor.data = copy
 
 
 def _quiet_load(loader, *args, **kwargs):

@@ -3,7 +3,7 @@
 - `resident_bytes`: parameters, buffers and bitsandbytes quantization state, each storage counted ONCE;
 - `rss_bytes` / `peak_rss_bytes`: the kernel's VmRSS / VmHWM (/proc/self/status). `getrusage(...).ru_maxrss`
   is only the fallback: a process started from a bigger one inherits that one's peak in ru_maxrss;
-- `measure_memory`: every layout x weight precision in a fresh `python -m marl_utils.bench_memory` process,
+- `measure_memory`: every layout x weight precision in a fresh `python -m marl_utils.bench.memory` process,
   so that its peak is its own (see `bench.py` for what each figure means).
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_json
+from ..infra.atomic import atomic_write_json
 
 LAYOUTS = ("marl_fp32", "critic_fp32", "separate_fp32", "marl_8bit", "separate_8bit", "marl_4bit", "separate_4bit")
 DEFAULT_LAYOUTS = {
@@ -114,25 +114,6 @@ def adapter_bytes(*modules) -> int:
     return storage_bytes(tensors)
 
 
-def release_checkpoint_pages(model) -> None:
-    """Copy the unquantized tensors of a quantized model into process memory.
-
-    transformers memory-maps the safetensors file. After on-the-fly quantization only the embeddings and
-    norms still point into that mapping, but they keep the WHOLE file mapped, so the float32 pages read while
-    quantizing would stay in the resident set for the whole run. A GPU would hold only the quantized weights.
-    """
-    quantized = tuple(type(p) for p in model.parameters() if type(p).__module__.startswith("bitsandbytes"))
-    copies = {}
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for tensor in store.values():
-                if tensor is None or isinstance(tensor, quantized) or tensor.device.type != "cpu":
-                    continue
-                key = tensor.untyped_storage().data_ptr()
-                copy = copies.setdefault(key, tensor.data.clone())  # tied weights stay tied
-                tensor.data = copy
-
-
 # ---------------------------------------------------------------------------- resident set of this process
 def _status_kb(field: str):
     try:
@@ -191,8 +172,8 @@ def measure_layout(layout: str, precision: str, inputs: dict, steps: int) -> dic
     import torch
     from transformers import AutoConfig, MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-    from . import bench_layouts as bl
-    from .bench_floor import StepShape
+    from . import layouts as bl
+    from .floor import StepShape
     import peft.tuners.lora  # noqa: F401
 
     try:  # peft loads bitsandbytes on first use: imported up front, it is part of every layout's baseline
@@ -237,7 +218,7 @@ def measure_layout(layout: str, precision: str, inputs: dict, steps: int) -> dic
 
 
 def _layout_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m marl_utils.bench_memory", description="one layout of `marl bench`")
+    parser = argparse.ArgumentParser(prog="python -m marl_utils.bench.memory", description="one layout of `marl bench`")
     parser.add_argument("--layout", required=True, choices=["marl", "critic", "separate"])
     parser.add_argument("--precision", required=True, choices=["fp32", "8bit", "4bit"])
     parser.add_argument("--inputs", required=True, help="json written by run_bench: folders, prompts, step shape")
@@ -259,10 +240,10 @@ def _run_layout_process(name: str, inputs_file: Path, steps: int, threads: int) 
     layout, precision = name.split("_")
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "marl_utils.bench_memory", "--layout", layout, "--precision", precision,
+        command = [sys.executable, "-m", "marl_utils.bench.memory", "--layout", layout, "--precision", precision,
                    "--inputs", str(inputs_file), "--steps", str(steps), "--threads", str(threads),
                    "--result", str(result_file)]
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         # CUDA_VISIBLE_DEVICES="": memory is the host's resident set, so the layouts stay on the CPU
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "CUDA_VISIBLE_DEVICES": "",
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from .bench_floor import StepShape, synchronize
+from .floor import StepShape, synchronize
 
 BUCKETS = ("base linear layers", "LoRA A/B matmuls", "LM head", "log-softmax / softmax over the vocabulary",
            "other [.., V] ops", "value / score head", "attention", "Adam step", "zero_grad", "other ops")
@@ -163,9 +163,9 @@ def profile_minibatch(inputs: dict, shape: StepShape, precision: str = "fp32", d
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from .bench_floor import Floor
-    from .bench_layouts import left_padded, load_layout, policy_lora_config
-    from .bench_ratio import TrainerRunner
+    from .floor import Floor
+    from .layouts import left_padded, load_layout, policy_lora_config
+    from .ratio import TrainerRunner
 
     device = torch.device(device)
     config = AutoConfig.from_pretrained(inputs["base"])

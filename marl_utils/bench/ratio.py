@@ -30,7 +30,7 @@ import warnings
 
 import torch
 
-from .bench_floor import Floor, StepShape, synchronize
+from .floor import Floor, StepShape, synchronize
 
 PHASES = ("generate", "score", "rollout", "optimise")
 LAYOUTS = ("marl", "separate", "critic_adapter")
@@ -46,7 +46,7 @@ rollout forward, and that runner's rollout is compared with the floor's score + 
 def critic_adapter_supported(model_class=None) -> bool:
     """Whether `from_pretrained` takes `critic=` (issue 14), read from its signature."""
     if model_class is None:
-        from .modeling import AutoModelForCausalLMWithValueHead as model_class
+        from ..model.multi_adapter_model import AutoModelForCausalLMWithValueHead as model_class
     try:
         parameters = inspect.signature(model_class.from_pretrained).parameters
     except (TypeError, ValueError):
@@ -81,8 +81,8 @@ class TrainerRunner:
     """
 
     def __init__(self, model, tokenizer, shape: StepShape, precision: str, device, learning_rate: float):
-        from .ppo import PPOTrainer
-        from .ppo_config import PPOConfig
+        from ..ppo.trainer import PPOTrainer
+        from ..ppo.config import PPOConfig
 
         settings = dict(batch_size=shape.batch, mini_batch_size=shape.mini_batch_size, ppo_epochs=shape.ppo_epochs,
                         max_new_tokens=shape.new_tokens, learning_rate=learning_rate, adap_kl_ctrl=False,
@@ -122,7 +122,7 @@ class LayoutRunner:
         self.optimizer = torch.optim.Adam(layout.trainable_parameters(), lr=learning_rate)
 
     def step(self, prompt_ids, prompt_mask) -> dict:
-        from .bench_layouts import timed_ppo_step
+        from .layouts import timed_ppo_step
 
         return timed_ppo_step(self.layout, prompt_ids, prompt_mask, self.shape, self.optimizer, self.precision)
 
@@ -172,7 +172,7 @@ def compare_to_floor(inputs: dict, shape: StepShape, *, precision: str = "fp32",
     """
     from transformers import AutoTokenizer
 
-    from .bench_layouts import left_padded, load_layout, policy_lora_config
+    from .layouts import left_padded, load_layout, policy_lora_config
 
     log = log or (lambda message: print(message, flush=True))
     began = time.perf_counter()
@@ -236,8 +236,8 @@ def compare_to_floor(inputs: dict, shape: StepShape, *, precision: str = "fp32",
 
 
 def _critic_adapter_model(inputs: dict, lora, device):
-    from .bench_layouts import _quiet_load
-    from .modeling import AutoModelForCausalLMWithValueHead
+    from .layouts import _quiet_load
+    from ..model.multi_adapter_model import AutoModelForCausalLMWithValueHead
 
     model = _quiet_load(AutoModelForCausalLMWithValueHead.from_pretrained, inputs["base"], peft_config=lora,
                         reward_adapter=inputs["reward_adapter"], critic="adapter", dtype=torch.float32)

@@ -17,10 +17,10 @@ real reviews that make sentiment an interesting target:
   weekend and ...", "This is a story about a retired nurse who ..."), so a short prompt cut from a
   review does not fix its sentiment and a continuation can go either way (PPO in notebook 03).
 - One review in four has IMDB's `<br /><br />` markup between two sentences, as real IMDB does;
-  `marl_utils.data.load_imdb` removes it.
+  `marl_utils.data.loading.load_imdb` removes it.
 
 Only `random.Random(seed)` is used, so the corpus is identical on every run and machine.
-Regenerate the shipped files with `python -m marl_utils.corpus --out data/imdb_offline`.
+Regenerate the shipped files with `python -m marl_utils.data.corpus --out data/imdb_offline`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_dir
+from ..infra.atomic import atomic_dir
 
 
 def _words(s: str) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from .errors import MarlInputError
+from ..infra.errors import MarlInputError
 
 
 def load_prompts(texts, tokenizer, *, min_tokens: int = 2, max_tokens: int = 8, n: int | None = None,

@@ -74,7 +74,7 @@ def build_tiny_llama(tokenizer, *, hidden_size=128, intermediate_size=352, num_h
 def build_tiny_base(out_dir: str | Path, texts: Iterable[str], *, vocab_size: int = 2048, seed: int = 0,
                     **model_sizes) -> Path:
     """Train the tokenizer on `texts`, build the tiny model, save both to `out_dir` atomically."""
-    from .atomic import atomic_dir
+    from ..infra.atomic import atomic_dir
 
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     model = build_tiny_llama(tokenizer, seed=seed, **model_sizes)

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MarlInputError
+from ..infra.errors import MarlInputError
 
 CRITICS: dict[str, dict] = {
     "shared head": {"critic": "head"},
@@ -178,8 +178,8 @@ def build_trainer(label: str, sft_dir, reward_dir, lora_config, config):
     import torch
     from transformers import AutoTokenizer
 
-    from .modeling import AutoModelForCausalLMWithValueHead
-    from .ppo import PPOTrainer
+    from ..model.multi_adapter_model import AutoModelForCausalLMWithValueHead
+    from ..ppo.trainer import PPOTrainer
 
     kwargs = critic_kwargs(label, reward_dir)  # fails before anything loads
     tokenizer = AutoTokenizer.from_pretrained(str(sft_dir))
@@ -280,7 +280,7 @@ def plot_critics(histories: dict, *, smooth: int = 3, save_to=None, title: str |
     """
     import matplotlib.pyplot as plt
 
-    from .plotting import _smooth as smooth_curve
+    from .plots import _smooth as smooth_curve
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.0 * len(CURVES), 3.2), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -305,6 +305,6 @@ def plot_critics(histories: dict, *, smooth: int = 3, save_to=None, title: str |
 
 def save_png(fig, path) -> Path:
     """Write `fig` as a PNG atomically, readable by everyone (plotting's writer: temporary file, one rename)."""
-    from .plotting import _save
+    from .plots import _save
 
     return _save(fig, path)

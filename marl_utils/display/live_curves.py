@@ -24,7 +24,7 @@ import io
 import math
 import time
 
-from .errors import MarlInputError
+from ..infra.errors import MarlInputError
 
 __all__ = ["LiveCurves"]
 
@@ -43,7 +43,7 @@ class LiveCurves:
             raise MarlInputError("LiveCurves needs at least one metric key to plot, e.g. ['env/score_mean']")
         if not isinstance(every, int) or every < 1:
             raise MarlInputError(f"LiveCurves(every={every!r}) must be a positive integer (redraw every N steps)")
-        from .plotting import _in_notebook
+        from .plots import _in_notebook
 
         self.panels, self.every, self.total, self.smooth, self.title = panels, every, total, smooth, title
         self.notebook = _in_notebook() if notebook is None else notebook
@@ -135,7 +135,7 @@ class LiveCurves:
 
     def save(self, path) -> None:
         """Write the current curves as a PNG (atomically: a killed run leaves the old file or the new one)."""
-        from .plotting import _save
+        from .plots import _save
 
         _save(self.figure, path)
 
@@ -178,7 +178,7 @@ class LiveCurves:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        from .plotting import _smooth, set_count_axis
+        from .plots import _smooth, set_count_axis
 
         n = len(self.panels)
         fig = Figure(figsize=(max(3.6 * n, 5.4), 2.9))  # one panel alone is drawn wider, not as a thumbnail

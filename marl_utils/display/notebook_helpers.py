@@ -264,7 +264,7 @@ def median_seconds(fn, repeats: int = 5) -> float:
 
 def plot_runs(histories: dict, keys, *, titles=None, smooth: int = 1, save_to=None):
     """Several runs' curves overlaid, one panel per metric: `histories` maps a label to a trainer's history."""
-    from .plotting import _plt, _smooth, set_count_axis
+    from .plots import _plt, _smooth, set_count_axis
 
     plt = _plt()
     keys = list(keys)
@@ -287,7 +287,7 @@ def plot_runs(histories: dict, keys, *, titles=None, smooth: int = 1, save_to=No
 
 def plot_footprint(rows: list[dict], *, title: str = "parameter memory", save_to=None):
     """Stacked bars of `footprint_rows` output: quantized base, float base, adapters + heads (MiB)."""
-    from .plotting import _plt
+    from .plots import _plt
 
     plt = _plt()
     parts = [("base quantized MiB", "tab:blue"), ("base float MiB", "tab:gray"), ("adapters + heads MiB", "tab:orange")]

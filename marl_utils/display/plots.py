@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import MarlInputError
+from ..infra.errors import MarlInputError
 
 
 def _save(fig, save_to) -> Path:

@@ -1,6 +1,6 @@
 """The picture of the idea: one base model, four roles, adapters switched on and off (README, notebook 03).
 
-    from marl_utils.roles_diagram import draw_roles_diagram
+    from marl_utils.display.roles_diagram import draw_roles_diagram
     draw_roles_diagram(save_to="notebooks/figures/roles.png")   # what scripts/make_figures.py does
 
 Each column is one role. Every column stands on the SAME frozen base (one copy of the weights, drawn once
@@ -72,7 +72,7 @@ def draw_roles_diagram(save_to=None):
     ax.text(0.3, 0.08, "orange: trained by PPO    blue: frozen    dashed: no adapter, the plain base is the "
             "reference (no second copy)", fontsize=8.5, color="#333333")
     if save_to is not None:
-        from .plotting import _save
+        from .plots import _save
 
         _save(fig, save_to)
     return fig

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import MarlInputError
-from .ppo_core import build_rollout_batch
+from ..infra.errors import MarlInputError
+from ..ppo.maths import build_rollout_batch
 
 MARL_MODEL_HINT = ("build it from the marl_utils.AutoModelForCausalLMWithValueHead that holds the reward adapter "
                    "(from_pretrained(sft_dir, peft_config=..., reward_adapter=reward_dir)) and give TRL that "
@@ -143,7 +143,7 @@ def reward_adapter_reward(model, tokenizer, batch_size: int = 64) -> RewardAdapt
     """A reward function for TRL's GRPOTrainer / RLOOTrainer that scores with the model's own reward adapter.
 
     `model`: the `AutoModelForCausalLMWithValueHead` holding policy and reward adapter (also inside a DDP or
-    torch.compile wrapper). Give TRL `model.pretrained_model` to train; `build_trainer` in `marl_utils.grpo`
+    torch.compile wrapper). Give TRL `model.pretrained_model` to train; `build_trainer` in `marl_utils.grpo.trainers`
     does that and checks it.
     """
     return RewardAdapterReward(model, tokenizer, batch_size=batch_size)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import MarlInputError
-from .grpo_reward import reward_adapter_reward
+from ..infra.errors import MarlInputError
+from .reward_function import reward_adapter_reward
 
 ALGOS = ("grpo", "rloo")
 
@@ -217,7 +217,7 @@ def positions_follow_the_mask(peft_model) -> None:
     first pad. Rotary positions (Llama) only see differences, so nothing changes there; learned absolute
     positions (GPT-2) would be scored at other positions than they were sampled at.
     """
-    from .modeling import position_ids_from_mask
+    from ..model.multi_adapter_model import position_ids_from_mask
 
     def add_positions(module, args, kwargs):
         mask = kwargs.get("attention_mask")

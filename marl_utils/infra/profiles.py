@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .errors import MarlInputError
 
 TINY_BASE = "tiny"
-"""`base_model` value meaning: build the tiny Llama-style base locally (see `marl_utils.tiny_base`)."""
+"""`base_model` value meaning: build the tiny Llama-style base locally (see `marl_utils.data.tiny_base`)."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class Profile:
 
     # Notebook 07 / `marl grpo`: TRL's GRPOTrainer and RLOOTrainer with the reward adapter on the same base. Their
     # sizes (rounds, completions per round, minibatch, completion length) are PPO's, so all three sample the
-    # same number of tokens (marl_utils.grpo.grpo_settings).
+    # same number of tokens (marl_utils.grpo.trainers.grpo_settings).
     grpo_beta: float = 0.06
     """GRPO's weight of the per-token KL (k3) to the adapter-disabled base (tiny, 3 seeds: ~9.6 nats of KL, gain
     2.24 +- 0.20; 0.04 reached KL 15.1 on one stage set)."""

@@ -21,7 +21,7 @@ from .atomic import atomic_write_json
 from .errors import MarlInputError
 from .profiles import Profile
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_output_dir(profile: Profile) -> Path:

@@ -87,7 +87,7 @@ def policy_logits_and_critic_values(model, input_ids, attention_mask, position_i
     context = contextlib.nullcontext()
     if not model._critic_rows_active:
         if uses_gradient_checkpointing(model) and torch.is_grad_enabled() and model.training:
-            from .errors import MarlInputError
+            from ..infra.errors import MarlInputError
 
             raise MarlInputError("with critic='adapter' and gradient checkpointing, run forward AND backward inside "
                                  "`with model.critic_rows():` (the recomputation in backward needs it); PPOTrainer "

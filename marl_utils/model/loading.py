@@ -13,8 +13,8 @@ import json
 import warnings
 from pathlib import Path
 
-from .critic import copy_reward_head_into, critic_adapter_name
-from .errors import MarlInputError
+from .critic_adapter import copy_reward_head_into, critic_adapter_name
+from ..infra.errors import MarlInputError
 from .quantization import disable_cpu_inference_packing, load_base, load_base_config, quantization_config_from_flags
 from .reward_adapter import check_fits_base, inspect_reward_adapter, load_reward_adapter
 

@@ -12,7 +12,7 @@ Usage (the seed's Quickstart, with `marl_utils` in place of `trl` and local fold
 
 ```python
 from peft import LoraConfig
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
 
 lora_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM")
 model = AutoModelForCausalLMWithValueHead.from_pretrained(
@@ -48,11 +48,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import atomic_dir
-from .critic import (adapter_parameters, critic_adapter_name, critic_rows,
+from ..infra.atomic import atomic_dir
+from .critic_adapter import (adapter_parameters, critic_adapter_name, critic_rows,
                      policy_logits_and_critic_values)
-from .errors import MarlInputError
-from .model_loading import (MODEL_FILE, VALUE_HEADS_FILE, check_adapter_name, lora_config_for_causal_lm,
+from ..infra.errors import MarlInputError
+from .loading import (MODEL_FILE, VALUE_HEADS_FILE, check_adapter_name, lora_config_for_causal_lm,
                             load_model)
 from .value_head import ValueHead, hidden_and_vocab_size
 

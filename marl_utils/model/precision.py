@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .errors import MarlInputError
+from ..infra.errors import MarlInputError
 
 
 def cpu_has_fast_bf16() -> bool:

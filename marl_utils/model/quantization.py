@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from .errors import MarlInputError
+from ..infra.errors import MarlInputError
 
 PIP_HINT = "`pip install bitsandbytes`"
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")

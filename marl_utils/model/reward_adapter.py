@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import MarlInputError
+from ..infra.errors import MarlInputError
 from .value_head import hidden_and_vocab_size
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from .errors import MarlInputError
-from .precision import resolve_mixed_precision, warn_if_slow
+from ..infra.errors import MarlInputError
+from ..model.precision import resolve_mixed_precision, warn_if_slow
 
 
 def has_accelerator() -> bool:

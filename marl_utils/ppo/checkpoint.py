@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_dir, atomic_write_text
-from .errors import MarlInputError
+from ..infra.atomic import atomic_dir, atomic_write_text
+from ..infra.errors import MarlInputError
 
 FORMAT = "marl_utils.ppo_checkpoint"
 VERSION = 1

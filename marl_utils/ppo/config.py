@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .errors import MarlInputError
+from ..infra.errors import MarlInputError
 
 KL_ESTIMATORS = ("k1", "k3")
 MIXED_PRECISION = (None, "no", "bf16", "fp16", "auto")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .forward_modes import train_mode_without_dropout
-from .ppo_core import build_rollout_batch, distinct_n, kl_penalty
+from ..model.forward_modes import train_mode_without_dropout
+from .maths import build_rollout_batch, distinct_n, kl_penalty
 from .rollout import policy_forward, reference_forward, response_view
 
 

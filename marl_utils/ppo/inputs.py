@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from .errors import MarlInputError
+from ..infra.errors import MarlInputError
 
 # Sampling settings that change the distribution tokens are drawn from, so that it is no longer the policy
 # whose logprobs PPO uses: the KL estimate becomes biased (often negative) and the ratio is off.
@@ -20,7 +20,7 @@ BIASED_SAMPLING = {"top_k": (0, None), "top_p": (1.0, None), "min_length": (0, N
 
 def check_trainer_inputs(config, model, tokenizer) -> None:
     """What PPOTrainer needs before it builds anything: our config, a tokenizer with a pad token, our model."""
-    from .ppo_config import PPOConfig
+    from .config import PPOConfig
 
     if not isinstance(config, PPOConfig):
         raise MarlInputError(f"config must be a marl_utils.PPOConfig, got {type(config).__name__}")

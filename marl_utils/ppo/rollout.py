@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .forward_modes import eval_mode
-from .ppo_core import entropy_from_log_probs, log_probs_and_picked
+from ..model.forward_modes import eval_mode
+from .maths import entropy_from_log_probs, log_probs_and_picked
 
 
 @dataclass
@@ -100,7 +100,7 @@ def can_fuse(model) -> str | None:
     that hold an outlier anywhere in the batch in 16-bit, so a row's result depends on the other rows: a
     batch of three roles would not compute what each role computes alone (logprobs differ by ~1e-3).
     """
-    from .quantization import quantized_linear_layers
+    from ..model.quantization import quantized_linear_layers
 
     if not hasattr(model.pretrained_model.base_model, "_enable_peft_forward_hooks"):
         return "this peft version has no per-row adapters"

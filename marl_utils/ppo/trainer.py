@@ -30,16 +30,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import MarlInputError
-from .forward_modes import eval_mode, train_mode_without_dropout
-from .ppo_accelerator import build_accelerator, has_accelerator  # noqa: F401 - has_accelerator: public here too
-from .ppo_config import PPOConfig
-from .ppo_core import (AdaptiveKLController, FixedKLController, RunningMoments, build_rollout_batch, compute_gae,
+from ..infra.errors import MarlInputError
+from ..model.forward_modes import eval_mode, train_mode_without_dropout
+from .accelerator import build_accelerator, has_accelerator  # noqa: F401 - has_accelerator: public here too
+from .config import PPOConfig
+from .maths import (AdaptiveKLController, FixedKLController, RunningMoments, build_rollout_batch, compute_gae,
                        compute_rewards, cut_after_eos, distinct_n, global_masked_moments, left_pad, masked_mean,
                        masked_whiten, policy_loss, value_loss)
-from .ppo_eval import evaluate_policy
-from .ppo_inputs import check_context, check_step_inputs, check_token_lists, check_trainer_inputs, generation_kwargs
-from .ppo_optimizer import UpdateStepper
+from .evaluation import evaluate_policy
+from .inputs import check_context, check_step_inputs, check_token_lists, check_trainer_inputs, generation_kwargs
+from .optimizer import UpdateStepper
 from .rollout import can_fuse, fused_rollout, policy_forward, separate_rollout
 
 

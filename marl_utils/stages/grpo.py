@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .grpo import build_trainer, check_stage3, grpo_settings, quiet_trl, round_history
-from .run_cost import measure_cost
+from ..grpo.trainers import build_trainer, check_stage3, grpo_settings, quiet_trl, round_history
+from ..bench.run_cost import measure_cost
 
 
 @dataclass
@@ -25,8 +25,8 @@ class GRPOResult:
 
 def evaluator(profile, model, tokenizer, seed: int = 0, steps: int | None = None):
     """A PPOTrainer: PPO's trainer, and for GRPO / RLOO the held-out evaluation (same prompts, seed, measures)."""
-    from .pipeline import ppo_config
-    from .ppo import PPOTrainer
+    from .ppo_parts import ppo_config
+    from ..ppo.trainer import PPOTrainer
 
     return PPOTrainer(ppo_config(profile, seed, steps), model=model, tokenizer=tokenizer)
 
@@ -39,7 +39,7 @@ def run_on_one_base(algo: str, profile, out, dataset=None, *, seed: int = 0, ste
     and after, and only the training in between timed and its peak memory taken. Stages 1-2 must exist in `out`.
     Returns the model and tokenizer (trained in place), `metrics` (json-ready, PPO's names) and the trainer.
     """
-    from .pipeline import build_ppo_parts
+    from .ppo_parts import build_ppo_parts
 
     settings = check_stage3(profile, algo, steps) if algo != "ppo" else grpo_settings(profile, steps=steps)
     model, tokenizer, _, prompts, eval_prompts = build_ppo_parts(profile, out, dataset, seed, steps=settings.steps)
@@ -84,9 +84,9 @@ def train_grpo(profile, output_dir=None, dataset=None, *, algo: str = "grpo", se
 
     Same model parts, prompts and held-out evaluation as `train_ppo`, so the metrics compare one to one.
     """
-    from .atomic import atomic_dir
-    from .pipeline import check_ppo_settings, ensure_earlier_stages
-    from .runs import prepare_run_dir, read_metrics, stage_dir
+    from ..infra.atomic import atomic_dir
+    from .ppo_parts import check_ppo_settings, ensure_earlier_stages
+    from ..infra.runs import prepare_run_dir, read_metrics, stage_dir
 
     check_stage3(profile, algo, steps)
     out = prepare_run_dir(output_dir, profile)

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_dir
-from .errors import MarlInputError
-from .profiles import Profile
-from .runs import prepare_run_dir, read_metrics, stage_dir
+from ..infra.atomic import atomic_dir
+from ..infra.errors import MarlInputError
+from ..infra.profiles import Profile
+from ..infra.runs import prepare_run_dir, read_metrics, stage_dir
 from .sft import has_cuda, train_sft, training_device
 from .trainer_output import one_progress_bar, quiet_trainer_setup  # noqa: F401 - notebook 02 imports it here
 
@@ -272,7 +272,7 @@ def prepare_reward(profile: Profile, output_dir=None, dataset=None, *, sft_dir=N
     import torch
     from transformers import AutoTokenizer
 
-    from .data import load_imdb
+    from ..data.loading import load_imdb
 
     out = prepare_run_dir(output_dir, profile)
     data = load_imdb(dataset or profile.dataset, seed=seed)  # validates the dataset before any training

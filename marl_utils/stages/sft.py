@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_dir
-from .errors import MarlInputError
-from .profiles import TINY_BASE, Profile
-from .runs import prepare_run_dir, read_metrics, stage_dir
+from ..infra.atomic import atomic_dir
+from ..infra.errors import MarlInputError
+from ..infra.profiles import TINY_BASE, Profile
+from ..infra.runs import prepare_run_dir, read_metrics, stage_dir
 # Notebook 01 imports these from here, next to the stage they quieten.
 from .trainer_output import LossProgressBar, one_progress_bar, quiet_trainer_setup  # noqa: F401
 
@@ -89,7 +89,7 @@ def ensure_base(profile: Profile, out: Path, train_texts) -> str:
         return profile.base_model
     base_dir = stage_dir(out, "base")
     if not (base_dir / "config.json").exists():
-        from .tiny_base import build_tiny_base
+        from ..data.tiny_base import build_tiny_base
 
         sizes = dict(profile.tiny_model)
         vocab_size = sizes.pop("vocab_size", 2048)
@@ -222,7 +222,7 @@ def prepare_sft(profile: Profile, output_dir=None, dataset=None, *, seed: int = 
     """
     import torch
 
-    from .data import load_imdb
+    from ..data.loading import load_imdb
 
     out = prepare_run_dir(output_dir, profile)
     data = load_imdb(dataset or profile.dataset, seed=seed)

@@ -19,7 +19,7 @@ def quiet_trainer_setup():
     transformers' "Loading weights" / "Writing model shards" bars and its info/warning log lines (per-key load
     reports). All are restored on exit, so the stage shows one progress bar: training's.
 
-    Library *warnings* are not filtered here but in `marl_utils.known_warnings`, the one place for them. Our own
+    Library *warnings* are not filtered here but in `marl_utils.infra.known_warnings`, the one place for them. Our own
     configs use transformers' new name `activation_checkpointing`, so its `gradient_checkpointing` deprecation
     warning never appears.
     """

@@ -1,0 +1,2 @@
+"""What the notebooks use to show things: plots, live training curves, diagrams, reports, small helpers.
+"""
