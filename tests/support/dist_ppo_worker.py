@@ -1,6 +1,6 @@
 """Data-parallel PPO on CPU, one process per rank: what test_distributed launches with torchrun (gloo).
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_ppo_worker.py \
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/support/dist_ppo_worker.py \
         BASE REWARD_ADAPTER OUT [--steps 3]
 
 Each rank trains on its own shard of the prompts (every world_size-th one) through `PPOTrainer.train`,

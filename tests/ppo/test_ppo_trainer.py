@@ -4,6 +4,7 @@ shared/docs/ppo_checklist.md, bad input, and checkpoints."""
 import json
 import os
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from stand_ins import LORA_TARGETS, MAKE_BASE, make_reward_adapter, make_tokeniz
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils.ppo.trainer import checkpoint as checkpoint_module
+from marl_utils.ppo import checkpoint as checkpoint_module
 from marl_utils.ppo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from marl_utils.infra.errors import MarlInputError
 from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
@@ -349,7 +350,7 @@ def test_bad_step_inputs_have_clear_errors(stand_ins, tok):
     queries, responses, scores = rollouts(tok)
     with pytest.raises(MarlInputError, match="3 queries, 4 responses and 4 scores.*batch_size=4"):
         trainer.step(queries[:3], responses, scores)
-    # scores of the wrong shape: tests/test_bad_inputs.py::test_scores_of_the_wrong_shape
+    # scores of the wrong shape: tests/stages/test_bad_inputs.py::test_scores_of_the_wrong_shape
     for bad in (float("nan"), float("inf")):
         with pytest.raises(MarlInputError, match=r"scores \[2\] are not finite.*no update"):
             trainer.step(queries, responses, [1.0, 0.0, bad, 0.0])
@@ -469,7 +470,7 @@ def test_two_process_gloo_run_keeps_replicas_in_sync(stand_ins, tmp_path):
     s = stand_ins["llama"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           os.path.dirname(__file__), s.base, s.adapter, str(tmp_path)]
+           str(Path(__file__).resolve().parents[1] / "support"), s.base, s.adapter, str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

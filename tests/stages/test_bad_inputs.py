@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ppo_worker import build_trainer, prompts
-from test_stages import SMALL
+from small_profiles import SMALL
 
 from marl_utils.cli import main
 from marl_utils.infra.errors import MarlInputError

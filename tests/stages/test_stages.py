@@ -13,12 +13,7 @@ from marl_utils.infra.profiles import PROFILES
 from marl_utils.stages.reward import check_sft_dir, load_reward_model, score_texts, train_reward_adapter
 from marl_utils.stages.sft import train_sft
 
-SMALL = PROFILES["tiny"].replace(
-    sft_max_steps=12, sft_learning_rate=1e-2, sft_batch_size=8, sft_max_train_examples=200, sft_eval_examples=16, sft_max_length=64,
-    reward_max_steps=6, reward_batch_size=8, reward_train_pairs=40, reward_eval_pairs=16, reward_max_length=64,
-    tiny_model=dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128),
-)
+from small_profiles import SMALL
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Fault tolerance: a PPO run killed with SIGKILL resumes to the result of an uninterrupted run, and an
 interrupted save of any stage leaves no partial folder behind.
 
-The killed runs are real processes (`tests/ppo_worker.py`), killed where a learner's kernel dies: at a
+The killed runs are real processes (`tests/support/ppo_worker.py`), killed where a learner's kernel dies: at a
 seeded random moment ($MARL_KILL_SEED, default 0), and in the middle of a checkpoint write.
 """
 
@@ -29,7 +29,7 @@ from marl_utils.infra.profiles import PROFILES
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-WORKER = Path(__file__).with_name("ppo_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "support" / "ppo_worker.py"
 STEPS = 6
 KILL_SEED = int(os.environ.get("MARL_KILL_SEED", "0"))
 

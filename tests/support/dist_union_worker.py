@@ -1,7 +1,7 @@
 """One PPO step on fixed rollouts: 2 gloo processes, each with half of them, must equal 1 process with all.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_union_worker.py BASE RM OUT
-    python tests/dist_union_worker.py BASE RM OUT --union
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/support/dist_union_worker.py BASE RM OUT
+    python tests/support/dist_union_worker.py BASE RM OUT --union
 
 Rank r takes rollouts[r::2] with its own scale of scores; `--union` runs one process on all of them, rank 0's
 rows first. With advantages whitened over the tokens of ALL processes and losses averaged over the tokens of

@@ -16,10 +16,9 @@ from marl_utils.infra.profiles import PROFILES
 from marl_utils.stages.reward import reward_epochs, reward_learning_note
 from marl_utils.stages.sft import count_tokens, sft_epochs, sft_learning_note
 
-from test_pipeline import TOY
-from test_stages import SMALL
+from small_profiles import SMALL, TOY
 
-SHORT_REVIEWS = Path(__file__).resolve().parent.parent / "data" / "short_reviews.csv"
+SHORT_REVIEWS = Path(__file__).resolve().parents[2] / "data" / "short_reviews.csv"
 
 
 # ---------------------------------------------------------------------------------------------- the file itself

@@ -269,7 +269,7 @@ def test_settings_follow_the_profile_and_refuse_bad_sizes():
 
 
 def test_marl_grpo_and_run_algo_write_their_folders(tmp_path, monkeypatch):
-    from test_pipeline import TOY
+    from small_profiles import TOY
 
     from marl_utils.cli import main
     from marl_utils.infra.profiles import PROFILES

@@ -19,7 +19,7 @@ from stand_ins import LORA_TARGETS, make_reward_adapter, make_tiny_llama, make_t
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils.ppo.trainer import maths as ppo_core
+from marl_utils.ppo import maths as ppo_core
 from marl_utils.infra.errors import MarlInputError
 from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
 from marl_utils.ppo.trainer import PPOTrainer, has_accelerator
@@ -27,7 +27,7 @@ from marl_utils.ppo.config import PPOConfig
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1] / "support"
 
 
 @pytest.fixture(scope="module")

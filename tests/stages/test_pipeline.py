@@ -7,10 +7,7 @@ import pytest
 from marl_utils.cli import main
 from marl_utils.infra.profiles import PROFILES
 
-from test_stages import SMALL
-
-TOY = SMALL.replace(ppo_steps=2, ppo_batch_size=4, ppo_mini_batch_size=2, ppo_epochs=1, ppo_max_new_tokens=6,
-                    ppo_eval_prompts=4, ppo_prompt_tokens=(2, 4))
+from small_profiles import SMALL, TOY
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from marl_utils.ppo.maths import build_rollout_batch
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1] / "support"
 
 
 @pytest.fixture(scope="module")

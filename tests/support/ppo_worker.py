@@ -1,8 +1,8 @@
 """A small PPO run on the tiny stand-ins, as a program: what test_fault_tolerance kills and resumes.
 
-    python tests/ppo_worker.py BASE REWARD_ADAPTER OUT [--steps 6] [--save-every 1] [--pause S]
+    python tests/support/ppo_worker.py BASE REWARD_ADAPTER OUT [--steps 6] [--save-every 1] [--pause S]
                                [--stall-in-save K --marker FILE] [--resume]
-    python tests/ppo_worker.py marl [--pause S] -- ppo --profile tiny --output-dir OUT ...
+    python tests/support/ppo_worker.py marl [--pause S] -- ppo --profile tiny --output-dir OUT ...
 
 `build_trainer` and `prompts` are imported by the tests too, so the run a test kills and the run it
 compares with are built by the same code. `--pause` sleeps after each step (the kill then lands mid-run,

@@ -16,7 +16,7 @@ import pytest
 
 from marl_utils.infra.profiles import Profile
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 WITH_HEADER_FIGURE = [p for p in NOTEBOOKS if p.name[:2] in {"01", "02", "03", "04", "05"}]

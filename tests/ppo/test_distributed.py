@@ -2,7 +2,7 @@
 
 Each rank generates on its own shard of the prompts, gradients are averaged (so the replicas stay
 bit-identical although they trained on different rollouts), statistics are averaged over ranks, and rank 0
-alone writes the checkpoint. The worker is `tests/dist_ppo_worker.py`.
+alone writes the checkpoint. The worker is `tests/support/dist_ppo_worker.py`.
 """
 
 import json
@@ -17,7 +17,7 @@ from stand_ins import make_reward_adapter, make_tiny_llama
 
 from marl_utils.ppo.checkpoint import latest_checkpoint
 
-WORKER = Path(__file__).with_name("dist_ppo_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "support" / "dist_ppo_worker.py"
 STEPS = 3
 
 
