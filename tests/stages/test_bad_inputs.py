@@ -2,8 +2,9 @@
 a library call), gets a `MarlInputError` whose MESSAGE says what was wrong and how to fix it, raised before
 any training (or weight loading) starts, with no stage folder and no temporary folder left behind.
 
-The README's "Bad input" table lists the same cases in the same order. Deeper variants of several rows live
-next to the code they test (test_data, test_modeling, test_quantized, test_ppo_trainer, test_profiles).
+The table in docs/troubleshooting.md ("When something is wrong") lists the same cases in the same order. Deeper
+variants of several rows live next to the code they test (test_data, test_multi_adapter_model, test_quantized,
+test_ppo_trainer, test_profiles).
 """
 
 import json
