@@ -3,7 +3,7 @@
 #   (a) every notebook under nbmake with MARL_PROFILE=tiny on CUDA (notebook 04: 8-bit and 4-bit bases), and
 #   (b) `marl bench` on the random-init 124M GPT-2-sized base (batch 128, 16 new tokens, 4 epochs x 4 minibatches),
 #       20 PPO steps per runner in fp32 and in bf16: MARL (PPOTrainer) vs separate models vs the compute floor,
-# then prints ONE table. It has not run on a GPU yet (README "GPU check").
+# then prints ONE table. It has not run on a GPU yet (docs/gpu.md).
 #
 # Usage
 #   bash scripts/gpu_check.sh --download-wheels   where PyPI is reachable: fill .whl/ (git-ignored, ~150 MB)

@@ -3,7 +3,7 @@
     marl bench [--profile P] [--base-size tiny|mid|large|gpt2] [--precision fp32|bf16] [--device cpu|cuda]
                [--steps 5] [--time-budget S] [--timing-only] [--profile-step] [--output-dir OUT]
 
-Two parts (README "Performance"), on a random-init base of `--base-size` and the PPO step of
+Two parts (docs/performance.md), on a random-init base of `--base-size` and the PPO step of
 `bench_layouts.STEP_SHAPES` (mid: batch 32, 20 new tokens, 4 epochs x 4 minibatches, LoRA r8 on all linear
 layers):
 

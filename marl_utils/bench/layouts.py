@@ -1,4 +1,4 @@
-"""The layouts `marl bench` compares, the models they load, and the PPO step it times on them (see `bench.py`).
+"""The layouts `marl bench` compares, the models they load, and the PPO step it times on them (see `command.py`).
 
 - MARL: ONE base in an `AutoModelForCausalLMWithValueHead`: policy LoRA + value head, the reference is the
   base with adapters off, the reward model is the frozen reward LoRA + its score head.

@@ -1,7 +1,7 @@
 """The maths of one PPO step on token sequences, as small pure tensor functions (notebook 03).
 
 No model in here: every function takes tensors and returns tensors, so notebook 03 can walk through a
-step cell by cell and `tests/test_ppo_core.py` can check each formula against a slow, obvious version.
+step cell by cell and `tests/ppo/test_ppo_maths.py` can check each formula against a slow, obvious version.
 
 Shapes: B rows (rollouts), T token positions. `mask` is 1.0 at the positions that count (the response
 tokens of each row) and 0.0 at padding and prompt positions; every mean, variance and statistic below

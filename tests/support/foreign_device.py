@@ -6,7 +6,7 @@ device"), but on CI's CPU-only machines everything is on the CPU and nothing fai
 marks a CPU tensor as "elsewhere": ops among such tensors work (and stay elsewhere), an op that mixes one
 with an ordinary tensor of more than zero dimensions raises like CUDA would, and only an explicit move
 (`.to(device)` / `.cpu()`) brings it back. So `f(on_other_device(x))` passes exactly when `f` moves its
-inputs to the model's device before using them, as the device contract in the README says it must.
+inputs to the model's device before using them, as the device contract in docs/api.md says it must.
 """
 
 from __future__ import annotations

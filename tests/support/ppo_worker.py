@@ -1,4 +1,4 @@
-"""A small PPO run on the tiny stand-ins, as a program: what test_fault_tolerance kills and resumes.
+"""A small PPO run on the tiny stand-ins, as a program: what tests/ppo/test_ppo_checkpoint.py kills and resumes.
 
     python tests/support/ppo_worker.py BASE REWARD_ADAPTER OUT [--steps 6] [--save-every 1] [--pause S]
                                [--stall-in-save K --marker FILE] [--resume]
