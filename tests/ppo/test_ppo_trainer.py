@@ -437,8 +437,8 @@ def test_foreign_or_corrupt_checkpoint_is_a_clear_error(stand_ins, tok, tmp_path
 
 # ---------------------------------------------------------------------------------------------- data parallel
 DDP_SCRIPT = """
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
+import json, os, sys, torch
+sys.path[:0] = sys.argv[1].split(os.pathsep)  # this test's folder and tests/support
 torch.set_num_threads(1)
 from stand_ins import make_tokenizer
 from test_ppo_trainer import config, make_model, prompts
@@ -470,7 +470,7 @@ def test_two_process_gloo_run_keeps_replicas_in_sync(stand_ins, tmp_path):
     s = stand_ins["llama"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(Path(__file__).resolve().parents[1] / "support"), s.base, s.adapter, str(tmp_path)]
+           os.pathsep.join([str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "support")]), s.base, s.adapter, str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
