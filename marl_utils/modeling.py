@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_dir
-from .critic import (adapter_parameters, critic_adapter_name, critic_rows,
+from .critic import (adapter_parameters, check_critic_supported, critic_adapter_name, critic_rows,
                      policy_logits_and_critic_values)
 from .errors import MarlInputError
 from .model_loading import (MODEL_FILE, VALUE_HEADS_FILE, check_adapter_name, lora_config_for_causal_lm,
@@ -311,6 +311,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         self.pretrained_model.add_adapter(name, lora_config)
         self._register_policy(name, lora_config, critic_peft_config)
         self.set_policy_adapter(self._active_policy)  # the new one stays frozen until it is selected
+        check_critic_supported(self)
 
     def _register_policy(self, name: str, lora_config, critic_peft_config=None) -> None:
         self.policy_adapter_names.append(name)
