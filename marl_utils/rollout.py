@@ -3,9 +3,9 @@
 A PPO step reads the same token ids three times without gradients: the policy (old logprobs, values), the
 reference (every adapter off) and, inside `train()`, the reward adapter. On one multi-adapter model those
 are the same base weights with different LoRA adapters switched in, so peft can run them as ONE batched
-forward with a per-row adapter (`adapter_names`: the policy's name, "__base__" for the reference, the
-reward adapter's name). `fused_rollout` does that; `separate_rollout` runs them one after another (needed
-for a separate `ref_model`, and the simple path to read).
+forward with a per-row adapter (the policy's name, "__base__" for the reference, the reward adapter's name;
+adapter_rows.py routes the rows). `fused_rollout` does that; `separate_rollout` runs them one after another
+(needed for a separate `ref_model`, where peft cannot run a layer per row, and the simple path to read).
 
 Every row of a rollout batch ends with its response (left padding), so every response token sits in the
 last `R = response_width` columns. Logits, log-softmax and entropy are computed there only: the vocabulary
