@@ -4,6 +4,7 @@ configuration either fused correctly, run in separate passes (said once), or ref
 Configurations users bring: DoRA (policy or reward adapter), LoRA on lm_head, modules_to_save copies of a
 Linear (lm_head), an Embedding or a norm, each with critic="head" and critic="adapter"."""
 
+import contextlib
 import os
 import types
 
@@ -132,6 +133,21 @@ def test_lm_head_lora_and_modules_to_save_are_fused_per_row(s, tok, config, crit
     trainer.fuse_rollout = True
     stats = trainer.step(queries, responses, torch.tensor([1.0, -1.0, 0.5, 0.0]))
     assert abs(stats["ppo/policy/approxkl_first"]) < 1e-6, stats  # rollout == training forward
+    assert_every_trained_parameter_gets_a_gradient(model, batch)
+
+
+def assert_every_trained_parameter_gets_a_gradient(model, batch):
+    """DDP (find_unused_parameters=False) fails on a trainable parameter that no loss reaches."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    model.zero_grad(set_to_none=True)
+    model.train()
+    with model.critic_rows() if model.critic_adapter else contextlib.nullcontext():
+        logits, _, values = model(**inputs)
+        (logits.logsumexp(-1).mean() + values.mean()).backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in model.trainable_parameters()}
+    assert all(p.grad is not None for p in trainable)
+    model.zero_grad(set_to_none=True)
 
 
 def test_a_fresh_policy_with_lora_on_lm_head_and_a_critic_adapter_has_zero_kl(s, tok):
