@@ -13,7 +13,7 @@ import json
 import warnings
 from pathlib import Path
 
-from .critic_adapter import copy_reward_head_into, critic_adapter_name
+from .critic_adapter import check_critic_supported, copy_reward_head_into, critic_adapter_name
 from ..infra.errors import MarlInputError
 from .quantization import disable_cpu_inference_packing, load_base, load_base_config, quantization_config_from_flags
 from .reward_adapter import check_fits_base, inspect_reward_adapter, load_reward_adapter
@@ -147,6 +147,7 @@ def load_model(cls, pretrained_model_name_or_path, *, peft_config=None, reward_a
 
         heads = load_file(str(Path(source) / VALUE_HEADS_FILE), device=str(model.device))
         model.v_heads.load_state_dict(heads, strict=True)
+    check_critic_supported(model)
     return model.eval()
 
 

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..infra.atomic import atomic_dir
-from .critic_adapter import (adapter_parameters, critic_adapter_name, critic_rows,
+from .critic_adapter import (adapter_parameters, check_critic_supported, critic_adapter_name, critic_rows,
                      policy_logits_and_critic_values)
 from ..infra.errors import MarlInputError
 from .loading import (MODEL_FILE, VALUE_HEADS_FILE, check_adapter_name, lora_config_for_causal_lm,
@@ -311,6 +311,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         self.pretrained_model.add_adapter(name, lora_config)
         self._register_policy(name, lora_config, critic_peft_config)
         self.set_policy_adapter(self._active_policy)  # the new one stays frozen until it is selected
+        check_critic_supported(self)
 
     def _register_policy(self, name: str, lora_config, critic_peft_config=None) -> None:
         self.policy_adapter_names.append(name)
@@ -342,10 +343,18 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         return adapter_parameters(self.pretrained_model, name)
 
     def critic_parameters(self, adapter_name=None) -> list:
-        """The LoRA parameters of a policy's critic adapter (default: the active policy's); [] with critic="head"."""
+        """The LoRA parameters of a policy's critic adapter (default: the active policy's); [] with critic="head".
+
+        Not its parts of the output layer (LoRA on lm_head, a modules_to_save copy of it): the value head reads
+        the critic's last hidden state, before that layer, so they get no gradient (and DDP wants none such).
+        """
         name = self._check_policy_name(adapter_name if adapter_name is not None else self._active_policy)
         critic = self.critic_adapter_names.get(name)
-        return adapter_parameters(self.pretrained_model, critic) if critic else []
+        if not critic:
+            return []
+        output = self.pretrained_model.get_base_model().get_output_embeddings()
+        unused = {id(param) for param in output.parameters()} if output is not None else set()
+        return [param for param in adapter_parameters(self.pretrained_model, critic) if id(param) not in unused]
 
     def value_parameters(self) -> list:
         """What the value loss trains beyond the shared trunk: the value head, and the critic adapter if any."""

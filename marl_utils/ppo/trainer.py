@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..model.critic_adapter import check_critic_supported
 from ..infra.errors import MarlInputError
 from ..model.forward_modes import eval_mode, train_mode_without_dropout
 from .accelerator import build_accelerator, has_accelerator  # noqa: F401 - has_accelerator: public here too
@@ -69,6 +70,7 @@ class PPOTrainer:
         from accelerate.utils import set_seed
 
         check_trainer_inputs(config, model, tokenizer)
+        check_critic_supported(model)  # critic='adapter' needs per-row adapters in training
         self.config, self.tokenizer, self.ref_model = config, tokenizer, ref_model
         self.pad_token_id, self.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.accelerator = build_accelerator(config)  # processes, device, precision (ppo_accelerator.py)
@@ -129,6 +131,9 @@ class PPOTrainer:
         if wanted and why_not:
             raise MarlInputError(f"PPOConfig.fused_rollout=True cannot be kept: {why_not}; use fused_rollout=None "
                                  "(the trainer decides) or False")
+        if wanted is None and why_not and self.ref_model is None:
+            self.accelerator.print(f"PPOTrainer: rollout in separate passes (policy, reference, reward), not fused: "
+                                   f"{why_not}")
         return why_not is None if wanted is None else wanted
 
     def _activate_policy(self):
