@@ -76,6 +76,9 @@ class PPOTrainer:
         self.prompt_generator = torch.Generator().manual_seed(config.seed)  # the same on every process
 
         self.model = model  # the plain model: generate, reference, compute_reward_score, save_pretrained
+        if getattr(model, "reward_adapter_name", None) and model.reward_pad_token_id is None:
+            # no tokenizer was saved with the reward adapter: it was trained, as PPO runs, with this one's pad
+            model.reward_pad_token_id = tokenizer.pad_token_id
         self.policy_adapter_name = model.active_adapter
         if not any(p.requires_grad for p in model.trainable_parameters()):
             raise MarlInputError("the model has nothing to train: it was loaded with is_trainable=False (for "
