@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import MarlInputError
-from .value_head import hidden_and_vocab_size
+from .value_head import Float32Linear, hidden_and_vocab_size
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -267,11 +267,11 @@ def check_fits_base(files: RewardAdapterFiles, causal_lm) -> None:
 
 
 def load_score_head(files: RewardAdapterFiles, device=None) -> nn.Linear:
-    """The reward model's score head as a frozen float32 `Linear(hidden, 1)`."""
+    """The reward model's score head as a frozen `Linear(hidden, 1)` that computes in float32 under autocast too."""
     tensors = read_tensors(files.weights_file, files.head_keys.values())
     weight = tensors[files.head_keys["weight"]]
     bias = tensors.get(files.head_keys.get("bias"))
-    head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=torch.float32, device=device)
+    head = Float32Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=torch.float32, device=device)
     with torch.no_grad():
         head.weight.copy_(weight.float())
         if bias is not None:
