@@ -71,8 +71,9 @@ def resolve_adapter_folder(name_or_path, hub_kwargs: dict | None = None) -> Path
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(name_or_path), allow_patterns=[ADAPTER_CONFIG, *WEIGHT_FILES, "tokenizer*"],
-                                      **(hub_kwargs or {})))
+        # the tokenizer files too: its pad id says where the head was trained to read
+        patterns = [ADAPTER_CONFIG, *WEIGHT_FILES, "tokenizer*", "special_tokens_map.json"]
+        return Path(snapshot_download(str(name_or_path), allow_patterns=patterns, **(hub_kwargs or {})))
     except Exception as err:  # offline, unknown repo, no access: all the same to the user
         raise MarlInputError(f"reward adapter {name_or_path!r} is not a local folder and could not be fetched from "
                              f"the Hugging Face Hub ({type(err).__name__}); {STAGE2_HINT}") from err
