@@ -138,7 +138,9 @@ def load_model(cls, pretrained_model_name_or_path, *, peft_config=None, reward_a
 
     model = cls(peft_model, policy_names, reward_adapter_name=reward_adapter_name if reward_adapter else None,
                 reward_head=reward_head, value_head_dropout=value_head_dropout, is_trainable=is_trainable,
-                active_adapter=saved["active_adapter"] if saved else None, critic_adapter_names=critic_names)
+                active_adapter=saved["active_adapter"] if saved else None, critic_adapter_names=critic_names,
+                reward_pad_token_id=files.pad_token_id if reward_adapter is not None else None,
+                reward_eos_token_ids=files.eos_token_ids if reward_adapter is not None else ())
     if critic_init == "reward_adapter" and not saved:
         for name in policy_names:
             copy_reward_head_into(model.v_heads[name], reward_head)

@@ -8,6 +8,13 @@ head nowhere (it lands in `unexpected_keys`, without an error), so the head is r
 Everything that can be checked is checked before weights load: the folder, the adapter type, the head, and
 that the shapes (hidden size, vocabulary, targeted layers) fit this base. An adapter trained on another
 base of the same shape only gets a warning: it loads, but its scores mean nothing on this base.
+
+Where the head is read is a fact of training, not of the base: HF's *ForSequenceClassification reads the last
+token that is not the pad id the reward trainer set. TRL's RewardTrainer sets pad = EOS on a tokenizer without
+a pad token (gpt2, Qwen2.5 bases) and appends EOS, so such a head was trained on the token BEFORE the EOS,
+while the base's own config (as on the Hub) may say nothing about pad. Hence the pad id is read from the
+tokenizer saved with the adapter (stage 2 and TRL's `save_model` write it there), see
+`AutoModelForCausalLMWithValueHead.reward_token_index`.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch
 from torch import nn
 
 from ..infra.errors import MarlInputError
-from .value_head import hidden_and_vocab_size
+from .value_head import Float32Linear, hidden_and_vocab_size
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -43,6 +50,8 @@ class RewardAdapterFiles:
     weights_file: Path
     shapes: dict = field(repr=False)      # every saved tensor: key -> shape, from the file header
     head_keys: dict = field(repr=False)   # "weight" (and maybe "bias") -> key of the score head
+    pad_token_id: int | None = None       # of the tokenizer saved with the adapter: the pad it was trained with
+    eos_token_ids: tuple = ()             # and that tokenizer's EOS
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -62,8 +71,9 @@ def resolve_adapter_folder(name_or_path, hub_kwargs: dict | None = None) -> Path
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(name_or_path), allow_patterns=[ADAPTER_CONFIG, *WEIGHT_FILES, "tokenizer*"],
-                                      **(hub_kwargs or {})))
+        # the tokenizer files too: its pad id says where the head was trained to read
+        patterns = [ADAPTER_CONFIG, *WEIGHT_FILES, "tokenizer*", "special_tokens_map.json"]
+        return Path(snapshot_download(str(name_or_path), allow_patterns=patterns, **(hub_kwargs or {})))
     except Exception as err:  # offline, unknown repo, no access: all the same to the user
         raise MarlInputError(f"reward adapter {name_or_path!r} is not a local folder and could not be fetched from "
                              f"the Hugging Face Hub ({type(err).__name__}); {STAGE2_HINT}") from err
@@ -151,24 +161,34 @@ def inspect_reward_adapter(source, base_config, base_name_or_path=None, hub_kwar
         if ".lora_embedding_A" in key and shape[-1] != vocab:
             raise MarlInputError(f"the reward adapter {source} was trained on a vocabulary of {shape[-1]} tokens, but "
                                  f"this base has {vocab}: stage 2 and PPO must use the same base and tokenizer")
-    check_tokenizer_vocab(folder, vocab, source)
+    tokenizer = check_tokenizer_vocab(folder, vocab, source)
     warn_if_other_base(config.get("base_model_name_or_path"), base_name_or_path, source)
-    return RewardAdapterFiles(str(source), folder, config, weights_file, shapes, head)
+    pad, eos = (None, None) if tokenizer is None else (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return RewardAdapterFiles(str(source), folder, config, weights_file, shapes, head, pad_token_id=pad,
+                              eos_token_ids=() if eos is None else (eos,))
 
 
-def check_tokenizer_vocab(folder: Path, vocab: int, source) -> None:
-    """A tokenizer saved with the adapter must not produce ids past this base's embedding table."""
+def check_tokenizer_vocab(folder: Path, vocab: int, source):
+    """The tokenizer saved with the adapter (None if there is none or it cannot be read); it must not produce
+    ids past this base's embedding table."""
     if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
-        return
+        return None
     from transformers import AutoTokenizer
 
     try:
-        size = len(AutoTokenizer.from_pretrained(folder))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception:  # an unreadable tokenizer is not the reward model's business here
-        return
-    if size > vocab:
-        raise MarlInputError(f"the tokenizer saved with the reward adapter {source} has {size} tokens, but this base's "
-                             f"vocabulary has {vocab}: stage 2 and PPO must use the same base and tokenizer")
+        return None
+    if len(tokenizer) > vocab:
+        raise MarlInputError(f"the tokenizer saved with the reward adapter {source} has {len(tokenizer)} tokens, but "
+                             f"this base's vocabulary has {vocab}: stage 2 and PPO must use the same base and tokenizer")
+    return tokenizer
+
+
+def eos_ids(eos) -> set:
+    """An EOS id, a list of them (Llama 3, Qwen configs) or None, as a set."""
+    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+
 
 
 def same_name(a: str, b: str) -> bool:
@@ -248,11 +268,11 @@ def check_fits_base(files: RewardAdapterFiles, causal_lm) -> None:
 
 
 def load_score_head(files: RewardAdapterFiles, device=None) -> nn.Linear:
-    """The reward model's score head as a frozen float32 `Linear(hidden, 1)`."""
+    """The reward model's score head as a frozen `Linear(hidden, 1)` that computes in float32 under autocast too."""
     tensors = read_tensors(files.weights_file, files.head_keys.values())
     weight = tensors[files.head_keys["weight"]]
     bias = tensors.get(files.head_keys.get("bias"))
-    head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=torch.float32, device=device)
+    head = Float32Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=torch.float32, device=device)
     with torch.no_grad():
         head.weight.copy_(weight.float())
         if bias is not None:
