@@ -216,7 +216,7 @@ def test_a_failed_step_puts_the_grad_scaler_back(stand_in, tok, monkeypatch):
         calls.append(1)
         return (loss * float("nan") if len(calls) == 3 else loss), stats
 
-    monkeypatch.setattr("marl_utils.ppo.policy_loss", loss_that_breaks_on_the_third_minibatch)
+    monkeypatch.setattr("marl_utils.ppo.trainer.policy_loss", loss_that_breaks_on_the_third_minibatch)
     with pytest.raises(FloatingPointError):
         trainer.step(*rollouts(tok))
     assert len(calls) == 3  # two optimizer steps (two scale doublings) were taken, then rolled back
