@@ -101,7 +101,7 @@ def test_without_a_saved_tokenizer_the_trainers_tokenizer_decides(hub_base):
 
 
 def test_grpo_reward_function_takes_the_pad_id_from_its_tokenizer_too(hub_base):
-    from marl_utils.grpo_reward import reward_adapter_reward
+    from marl_utils.grpo.reward_function import reward_adapter_reward
 
     base, _, bare, _ = hub_base
     model = AutoModelForCausalLMWithValueHead.from_pretrained(str(base), peft_config=lora(), reward_adapter=str(bare))
