@@ -158,8 +158,8 @@ def format_sft_table(summary: dict) -> str:
         lines.append(f"{name:<15}{row['trainable_params']:>15,}{row['param_bytes'] / MB:>11.1f}"
                      f"{row['peak_rss_bytes'] / MB:>12.0f}{model_rss:>13}{ratio:>7}")
     shape, ppo = summary["sft_shape"], summary["ppo_shape"]
-    lines.append(f"base '{summary['base_size']}' ({summary['base_params'] / 1e6:.1f}M params, random weights), float32, "
-                 f"CPU resident set (MB = 1e6 bytes); model RSS = peak - the process's RSS after imports")
+    lines.append(f"base '{summary['base_size']}' ({summary['base_params'] / 1e6:.1f}M params, random weights), "
+                 f"float32, CPU resident set (MB = 1e6 bytes); model RSS = peak - the process's RSS after imports")
     lines.append(f"SFT: TRL SFTTrainer, AdamW, batch {shape['batch_size']} x <= {shape['max_length']} tokens; "
                  f"PPO: batch {ppo['batch']}, {ppo['new_tokens']} new tokens, {ppo['ppo_epochs']} epochs x "
                  f"{ppo['minibatches']} minibatches, LoRA r{summary['lora']['r']} on every linear layer")
