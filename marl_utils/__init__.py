@@ -7,14 +7,14 @@ The seed document's API, with `marl_utils` in place of `trl`:
 The subpackages, one chapter each, in layers (lowest first; a module imports its own subpackage and lower
 layers only, and tests/infra/test_layout.py fails on an upward import or a cycle):
 
-    infra    errors, atomic writes, profiles, run folders, warning filters
+    infra    errors, atomic writes, profiles, run folders, warning filters, process memory and run cost
     data     the offline corpus, dataset loading, PPO prompts, the tiny base          (notebook 01)
     model    one base, four roles: value head, reward adapter, critic adapter, loading (notebooks 03-06)
     ppo      PPOConfig, the maths of a step, rollout, PPOTrainer, checkpoints          (notebook 03)
     grpo     TRL's GRPO/RLOO trainers scored by the reward adapter                     (notebook 07)
     display  plots, live curves, diagrams, reports for the notebooks
-    bench    `marl bench`: time against a compute floor, memory, run cost
     stages   SFT (1), reward adapter (2), PPO/GRPO (3), the pipeline (`marl run`)
+    bench    `marl bench`: time against a compute floor, memory (of PPO layouts and of SFT), parity runs
     cli.py and this file sit on top.
 """
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..infra.atomic import atomic_write_json
+from ..infra.process_memory import peak_rss_bytes, reset_peak_rss, return_free_heap, rss_bytes  # noqa: F401 - public here too
 
 LAYOUTS = ("marl_fp32", "critic_fp32", "separate_fp32", "marl_8bit", "separate_8bit", "marl_4bit", "separate_4bit")
 DEFAULT_LAYOUTS = {
@@ -112,56 +113,6 @@ def adapter_bytes(*modules) -> int:
 
     tensors = [p for module in modules for name, p in module.named_parameters() if is_adapter_or_head(name)]
     return storage_bytes(tensors)
-
-
-# ---------------------------------------------------------------------------- resident set of this process
-def _status_kb(field: str):
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def rss_bytes():
-    """This process's resident set now (None where /proc is missing)."""
-    return _status_kb("VmRSS")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set: VmHWM, else ru_maxrss (kB on Linux, bytes on macOS)."""
-    peak = _status_kb("VmHWM")
-    if peak is not None:
-        return peak
-    import resource
-
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss if sys.platform == "darwin" else maxrss * 1024
-
-
-def return_free_heap() -> None:
-    """Hand memory freed by loading back to the OS (glibc keeps freed heap otherwise; a no-op elsewhere).
-
-    On-the-fly quantization frees about the float32 model's size in temporaries; without this they would
-    stay in the resident set of a quantized layout for the whole run although nothing uses them.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_peak_rss() -> bool:
-    """Restart the high-water mark at the current resident set (Linux: `5` into /proc/self/clear_refs)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------- one layout, in its own process

@@ -18,7 +18,7 @@ def measure_cost(device=None):
     CUDA: the allocator's peak above what was allocated at the start. CPU: the process's resident-set peak above
     its size at the start (the kernel's high-water mark, reset first; None where that cannot be reset).
     """
-    from .memory import peak_rss_bytes, reset_peak_rss, return_free_heap, rss_bytes
+    from .process_memory import peak_rss_bytes, reset_peak_rss, return_free_heap, rss_bytes
 
     cost = {}
     cuda = device is not None and torch.device(device).type == "cuda"
