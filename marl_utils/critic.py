@@ -11,8 +11,11 @@ each LoRA layer adds the policy adapter to the first half and the critic adapter
 per-row `adapter_names`). The policy loss reads logits of the first half, the value loss values of the
 second, so no gradient crosses between them, and DDP sees one forward and one backward per minibatch.
 peft refuses per-row adapters in training mode in its own entry point; `critic_rows` injects them with
-the same per-layer mechanism (`LoraLayer.forward(..., adapter_names=...)`), and must stay active through
-the backward pass when HF gradient checkpointing recomputes layers there.
+the same per-layer mechanism (adapter_rows.py), also into `modules_to_save` copies (the critic's rows use the
+critic's copy, so the value loss never reaches the policy's), and must stay active through the backward pass
+when HF gradient checkpointing recomputes layers there. Only policy rows reach the output layer: a LoRA on
+`lm_head` gives policy logits from the policy's lm_head. Where peft cannot route a layer per row (DoRA, a
+modules_to_save copy of a norm), critic="adapter" is refused when the model is built.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import contextlib
 
 import torch
 from torch import nn
+
+from .adapter_rows import adapter_rows, causal_lm_rows, per_row_problem
 
 CRITIC_SUFFIX = "_critic"
 
@@ -49,29 +54,43 @@ def adapter_parameters(peft_model, name: str) -> list:
     return params
 
 
-def lora_layers(peft_model) -> list:
-    from peft.tuners.lora import LoraLayer
-
-    return [module for module in peft_model.modules() if isinstance(module, LoraLayer)]
-
-
 @contextlib.contextmanager
 def critic_rows(model, policy_name: str, critic_name: str):
-    """Inside, every LoRA layer treats the first half of its batch as policy rows, the second as critic rows."""
-    def inject(module, args, kwargs):
-        rows = (args[0] if args else next(iter(kwargs.values()))).shape[0]
-        kwargs["adapter_names"] = [policy_name] * (rows // 2) + [critic_name] * (rows - rows // 2)
-        return args, kwargs
+    """Inside, every LoRA layer and modules_to_save copy treats the first half of its batch as policy rows, the
+    second as critic rows; the output layer sees policy rows only (`policy_logits_and_critic_values`)."""
+    def names_for(rows, is_output):
+        if is_output:
+            return [policy_name] * rows
+        return [policy_name] * (rows // 2) + [critic_name] * (rows - rows // 2)
 
-    layers = lora_layers(model.pretrained_model)
-    handles = [layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in layers]
     model._critic_rows_active = True
     try:
-        yield
+        with adapter_rows(model.pretrained_model, names_for):
+            yield
     finally:
         model._critic_rows_active = False
-        for handle in handles:
-            handle.remove()
+
+
+def critic_problem(model) -> str | None:
+    """None when the stacked [policy; critic] forward can route every layer per row, else why not."""
+    if not model.critic_adapter_names:
+        return None
+    for policy, critic in model.critic_adapter_names.items():
+        why = per_row_problem(model.pretrained_model, [policy, critic])
+        if why:
+            return why
+    return None
+
+
+def check_critic_supported(model) -> None:
+    """critic='adapter' needs per-row adapters in training; refuse clearly where peft cannot give them."""
+    why = critic_problem(model)
+    if why:
+        from .errors import MarlInputError
+
+        raise MarlInputError(f"critic='adapter' runs policy and critic rows in one forward, one adapter per row, and "
+                             f"that cannot work with this model: {why}. Use critic='head', or LoraConfigs without "
+                             "use_dora and without modules_to_save on non-Linear layers for the policy and critic")
 
 
 def uses_gradient_checkpointing(model) -> bool:
@@ -81,7 +100,6 @@ def uses_gradient_checkpointing(model) -> bool:
 def policy_logits_and_critic_values(model, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
     """(policy logits [B,K,V] float32, critic values [B,T] float32): one forward over the rows stacked twice."""
     causal_lm = model.pretrained_model.get_base_model()
-    body, lm_head = causal_lm.base_model, causal_lm.get_output_embeddings()
     rows = input_ids.shape[0]
     stack = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
     context = contextlib.nullcontext()
@@ -93,12 +111,11 @@ def policy_logits_and_critic_values(model, input_ids, attention_mask, position_i
                                  "`with model.critic_rows():` (the recomputation in backward needs it); PPOTrainer "
                                  "does this itself")
         context = critic_rows(model, model.active_adapter, model.critic_adapter_names[model.active_adapter])
-    with context:
-        hidden = body(input_ids=stack(input_ids), attention_mask=stack(attention_mask),
-                      position_ids=stack(position_ids), use_cache=False).last_hidden_state
-    policy_hidden = hidden[:rows] if not logits_to_keep else hidden[:rows, -logits_to_keep:]
+    with context:  # the model's own output layer on the policy rows: its logit post-processing included
+        logits, hidden = causal_lm_rows(causal_lm, rows, logits_to_keep, input_ids=stack(input_ids),
+                                        attention_mask=stack(attention_mask), position_ids=stack(position_ids))
     values = model.v_head(hidden[rows:])
-    return lm_head(policy_hidden).float(), values
+    return logits.float(), values
 
 
 def copy_reward_head_into(value_head, reward_head) -> None:

@@ -13,7 +13,7 @@ import json
 import warnings
 from pathlib import Path
 
-from .critic import copy_reward_head_into, critic_adapter_name
+from .critic import check_critic_supported, copy_reward_head_into, critic_adapter_name
 from .errors import MarlInputError
 from .quantization import disable_cpu_inference_packing, load_base, load_base_config, quantization_config_from_flags
 from .reward_adapter import check_fits_base, inspect_reward_adapter, load_reward_adapter
@@ -138,7 +138,9 @@ def load_model(cls, pretrained_model_name_or_path, *, peft_config=None, reward_a
 
     model = cls(peft_model, policy_names, reward_adapter_name=reward_adapter_name if reward_adapter else None,
                 reward_head=reward_head, value_head_dropout=value_head_dropout, is_trainable=is_trainable,
-                active_adapter=saved["active_adapter"] if saved else None, critic_adapter_names=critic_names)
+                active_adapter=saved["active_adapter"] if saved else None, critic_adapter_names=critic_names,
+                reward_pad_token_id=files.pad_token_id if reward_adapter is not None else None,
+                reward_eos_token_ids=files.eos_token_ids if reward_adapter is not None else ())
     if critic_init == "reward_adapter" and not saved:
         for name in policy_names:
             copy_reward_head_into(model.v_heads[name], reward_head)
@@ -147,6 +149,7 @@ def load_model(cls, pretrained_model_name_or_path, *, peft_config=None, reward_a
 
         heads = load_file(str(Path(source) / VALUE_HEADS_FILE), device=str(model.device))
         model.v_heads.load_state_dict(heads, strict=True)
+    check_critic_supported(model)
     return model.eval()
 
 

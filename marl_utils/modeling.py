@@ -49,11 +49,12 @@ import torch
 from torch import nn
 
 from .atomic import atomic_dir
-from .critic import (adapter_parameters, critic_adapter_name, critic_rows,
+from .critic import (adapter_parameters, check_critic_supported, critic_adapter_name, critic_rows,
                      policy_logits_and_critic_values)
 from .errors import MarlInputError
 from .model_loading import (MODEL_FILE, VALUE_HEADS_FILE, check_adapter_name, lora_config_for_causal_lm,
                             load_model)
+from .reward_adapter import eos_ids
 from .value_head import ValueHead, hidden_and_vocab_size
 
 __all__ = ["AutoModelForCausalLMWithValueHead", "ValueHead", "position_ids_from_mask", "last_token_index"]
@@ -83,7 +84,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
 
     def __init__(self, pretrained_model, policy_adapter_names, *, reward_adapter_name=None, reward_head=None,
                  value_head_dropout: float = 0.0, is_trainable: bool = True, active_adapter=None,
-                 critic_adapter_names: dict | None = None):
+                 critic_adapter_names: dict | None = None, reward_pad_token_id=None, reward_eos_token_ids=()):
         super().__init__()
         self.pretrained_model = pretrained_model  # peft.PeftModel over the causal LM
         self.policy_adapter_names = list(policy_adapter_names)
@@ -92,6 +93,9 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         self._critic_rows_active = False
         self.reward_adapter_name = reward_adapter_name
         self.reward_head = reward_head  # frozen float32 Linear(hidden, 1), or None
+        # the pad id (and EOS) the reward adapter was trained with, from the tokenizer saved with it; None: unknown,
+        # then a PPOTrainer fills in its tokenizer's, else the base config's counts (`reward_token_index`)
+        self.reward_pad_token_id, self.reward_eos_token_ids = reward_pad_token_id, tuple(reward_eos_token_ids)
         self.value_head_dropout = value_head_dropout
         self.is_trainable = is_trainable
         hidden, _ = hidden_and_vocab_size(self.config)
@@ -212,9 +216,9 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         """[B] float32 reward of each row, read at its last real token (left or right padding).
 
         "Last real token" is where the reward head was trained to be read: the last attended token; or, when
-        the base's `pad_token_id` equals its EOS (TRL's RewardTrainer sets pad = EOS on tokenizers without a
-        pad token), the last token that is not pad, as HF's *ForSequenceClassification reads it (the token
-        before a trailing EOS). Runs the reward adapter and its score head in eval mode without gradients.
+        the pad id the reward adapter was trained with is an EOS (TRL's RewardTrainer sets pad = EOS on
+        tokenizers without a pad token), the last token that is not pad, as HF's *ForSequenceClassification
+        reads it (the token before a trailing EOS). That pad id is `reward_pad_token_id` (see there). Runs the reward adapter and its score head in eval mode without gradients.
         Inputs may live on any device; the scores are on the model's device. Afterwards the policy adapter
         `ppo_adapter_name` (default: the one active before) is active, and every `requires_grad` flag and
         train/eval mode is as before, also if the forward raises. `per_token=True` returns the [B,T] scores
@@ -245,10 +249,14 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         return scores.gather(-1, self.reward_token_index(input_ids, attention_mask).unsqueeze(-1)).squeeze(-1)
 
     def reward_token_index(self, input_ids, attention_mask) -> torch.Tensor:
-        """[B] position whose hidden state the reward head reads (see `compute_reward_score`)."""
-        pad, eos = self.config.pad_token_id, self.config.eos_token_id
-        eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
-        if pad is not None and pad in eos_ids:
+        """[B] position whose hidden state the reward head reads (see `compute_reward_score`).
+
+        The pad id is the reward adapter's training pad: `reward_pad_token_id` (from the tokenizer saved with
+        the adapter, else the PPOTrainer's tokenizer), and only when that is unknown the base config's, which
+        on the Hub often has none (gpt2, Qwen2.5) although the reward trainer padded with EOS.
+        """
+        pad = self.reward_pad_token_id if self.reward_pad_token_id is not None else self.config.pad_token_id
+        if pad is not None and pad in eos_ids(self.config.eos_token_id) | eos_ids(self.reward_eos_token_ids):
             return last_non_pad_index(input_ids, pad)
         return last_token_index(attention_mask)
 
@@ -311,6 +319,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         self.pretrained_model.add_adapter(name, lora_config)
         self._register_policy(name, lora_config, critic_peft_config)
         self.set_policy_adapter(self._active_policy)  # the new one stays frozen until it is selected
+        check_critic_supported(self)
 
     def _register_policy(self, name: str, lora_config, critic_peft_config=None) -> None:
         self.policy_adapter_names.append(name)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .critic import check_critic_supported
 from .errors import MarlInputError
 from .forward_modes import eval_mode, train_mode_without_dropout
 from .ppo_accelerator import build_accelerator, has_accelerator  # noqa: F401 - has_accelerator: public here too
@@ -69,6 +70,7 @@ class PPOTrainer:
         from accelerate.utils import set_seed
 
         check_trainer_inputs(config, model, tokenizer)
+        check_critic_supported(model)  # critic='adapter' needs per-row adapters in training
         self.config, self.tokenizer, self.ref_model = config, tokenizer, ref_model
         self.pad_token_id, self.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.accelerator = build_accelerator(config)  # processes, device, precision (ppo_accelerator.py)
@@ -76,6 +78,9 @@ class PPOTrainer:
         self.prompt_generator = torch.Generator().manual_seed(config.seed)  # the same on every process
 
         self.model = model  # the plain model: generate, reference, compute_reward_score, save_pretrained
+        if getattr(model, "reward_adapter_name", None) and model.reward_pad_token_id is None:
+            # no tokenizer was saved with the reward adapter: it was trained, as PPO runs, with this one's pad
+            model.reward_pad_token_id = tokenizer.pad_token_id
         self.policy_adapter_name = model.active_adapter
         if not any(p.requires_grad for p in model.trainable_parameters()):
             raise MarlInputError("the model has nothing to train: it was loaded with is_trainable=False (for "
@@ -129,6 +134,9 @@ class PPOTrainer:
         if wanted and why_not:
             raise MarlInputError(f"PPOConfig.fused_rollout=True cannot be kept: {why_not}; use fused_rollout=None "
                                  "(the trainer decides) or False")
+        if wanted is None and why_not and self.ref_model is None:
+            self.accelerator.print(f"PPOTrainer: rollout in separate passes (policy, reference, reward), not fused: "
+                                   f"{why_not}")
         return why_not is None if wanted is None else wanted
 
     def _activate_policy(self):

@@ -8,6 +8,13 @@ head nowhere (it lands in `unexpected_keys`, without an error), so the head is r
 Everything that can be checked is checked before weights load: the folder, the adapter type, the head, and
 that the shapes (hidden size, vocabulary, targeted layers) fit this base. An adapter trained on another
 base of the same shape only gets a warning: it loads, but its scores mean nothing on this base.
+
+Where the head is read is a fact of training, not of the base: HF's *ForSequenceClassification reads the last
+token that is not the pad id the reward trainer set. TRL's RewardTrainer sets pad = EOS on a tokenizer without
+a pad token (gpt2, Qwen2.5 bases) and appends EOS, so such a head was trained on the token BEFORE the EOS,
+while the base's own config (as on the Hub) may say nothing about pad. Hence the pad id is read from the
+tokenizer saved with the adapter (stage 2 and TRL's `save_model` write it there), see
+`AutoModelForCausalLMWithValueHead.reward_token_index`.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ class RewardAdapterFiles:
     weights_file: Path
     shapes: dict = field(repr=False)      # every saved tensor: key -> shape, from the file header
     head_keys: dict = field(repr=False)   # "weight" (and maybe "bias") -> key of the score head
+    pad_token_id: int | None = None       # of the tokenizer saved with the adapter: the pad it was trained with
+    eos_token_ids: tuple = ()             # and that tokenizer's EOS
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -151,24 +160,34 @@ def inspect_reward_adapter(source, base_config, base_name_or_path=None, hub_kwar
         if ".lora_embedding_A" in key and shape[-1] != vocab:
             raise MarlInputError(f"the reward adapter {source} was trained on a vocabulary of {shape[-1]} tokens, but "
                                  f"this base has {vocab}: stage 2 and PPO must use the same base and tokenizer")
-    check_tokenizer_vocab(folder, vocab, source)
+    tokenizer = check_tokenizer_vocab(folder, vocab, source)
     warn_if_other_base(config.get("base_model_name_or_path"), base_name_or_path, source)
-    return RewardAdapterFiles(str(source), folder, config, weights_file, shapes, head)
+    pad, eos = (None, None) if tokenizer is None else (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return RewardAdapterFiles(str(source), folder, config, weights_file, shapes, head, pad_token_id=pad,
+                              eos_token_ids=() if eos is None else (eos,))
 
 
-def check_tokenizer_vocab(folder: Path, vocab: int, source) -> None:
-    """A tokenizer saved with the adapter must not produce ids past this base's embedding table."""
+def check_tokenizer_vocab(folder: Path, vocab: int, source):
+    """The tokenizer saved with the adapter (None if there is none or it cannot be read); it must not produce
+    ids past this base's embedding table."""
     if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
-        return
+        return None
     from transformers import AutoTokenizer
 
     try:
-        size = len(AutoTokenizer.from_pretrained(folder))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception:  # an unreadable tokenizer is not the reward model's business here
-        return
-    if size > vocab:
-        raise MarlInputError(f"the tokenizer saved with the reward adapter {source} has {size} tokens, but this base's "
-                             f"vocabulary has {vocab}: stage 2 and PPO must use the same base and tokenizer")
+        return None
+    if len(tokenizer) > vocab:
+        raise MarlInputError(f"the tokenizer saved with the reward adapter {source} has {len(tokenizer)} tokens, but "
+                             f"this base's vocabulary has {vocab}: stage 2 and PPO must use the same base and tokenizer")
+    return tokenizer
+
+
+def eos_ids(eos) -> set:
+    """An EOS id, a list of them (Llama 3, Qwen configs) or None, as a set."""
+    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+
 
 
 def same_name(a: str, b: str) -> bool:

@@ -3,9 +3,9 @@
 A PPO step reads the same token ids three times without gradients: the policy (old logprobs, values), the
 reference (every adapter off) and, inside `train()`, the reward adapter. On one multi-adapter model those
 are the same base weights with different LoRA adapters switched in, so peft can run them as ONE batched
-forward with a per-row adapter (`adapter_names`: the policy's name, "__base__" for the reference, the
-reward adapter's name). `fused_rollout` does that; `separate_rollout` runs them one after another (needed
-for a separate `ref_model`, and the simple path to read).
+forward with a per-row adapter (the policy's name, "__base__" for the reference, the reward adapter's name;
+adapter_rows.py routes the rows). `fused_rollout` does that; `separate_rollout` runs them one after another
+(needed for a separate `ref_model`, where peft cannot run a layer per row, and the simple path to read).
 
 Every row of a rollout batch ends with its response (left padding), so every response token sits in the
 last `R = response_width` columns. Logits, log-softmax and entropy are computed there only: the vocabulary
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapter_rows import BASE, adapter_rows, causal_lm_rows, fixed_rows, per_row_problem
 from .forward_modes import eval_mode
 from .ppo_core import entropy_from_log_probs, log_probs_and_picked
 
@@ -93,50 +94,52 @@ def separate_rollout(model, policy, batch: dict, chunk: int, temperature: float,
     return Rollout(logprobs, values, ref_logprobs, entropy, mask)
 
 
+def fused_roles(model, with_reward: bool = True) -> list:
+    """Adapter of each block of rows in the fused forward: policy, reference ("__base__"), (reward), (critic)."""
+    return [model.active_adapter, BASE] + ([model.reward_adapter_name] if with_reward and model.reward_adapter_name
+                                           else []) + ([model.critic_adapter] if model.critic_adapter else [])
+
+
 def can_fuse(model) -> str | None:
     """None when the fused forward gives the numbers of the separate passes, else why it cannot.
 
-    peft's per-row adapters need its forward hooks. LLM.int8 (8-bit bases) multiplies the activation columns
-    that hold an outlier anywhere in the batch in 16-bit, so a row's result depends on the other rows: a
-    batch of three roles would not compute what each role computes alone (logprobs differ by ~1e-3).
+    Every layer must run each role's adapter on its own rows (`per_row_problem` asks peft: DoRA, layer types
+    and modules_to_save wrappers without per-row support say no). LLM.int8 (8-bit bases) multiplies the
+    activation columns that hold an outlier anywhere in the batch in 16-bit, so a row's result depends on the
+    other rows: a batch of three roles would not compute what each role computes alone (logprobs ~1e-3 off).
     """
     from .quantization import quantized_linear_layers
 
-    if not hasattr(model.pretrained_model.base_model, "_enable_peft_forward_hooks"):
-        return "this peft version has no per-row adapters"
     if any(getattr(getattr(layer, "state", None), "threshold", 0) > 0 for layer in quantized_linear_layers(model)
            if type(layer).__name__ == "Linear8bitLt"):
         return "an 8-bit (LLM.int8) base computes each row depending on the batch's outlier columns"
-    return None
+    return per_row_problem(model.pretrained_model, fused_roles(model))
 
 
 @torch.no_grad()
 def fused_rollout(model, batch: dict, chunk: int, temperature: float, with_reward: bool = False) -> Rollout:
     """Policy, reference (and reward) rows of each chunk in ONE forward of the base, one adapter per row.
 
-    The decoder body runs once over [policy rows; reference rows; (reward rows); (critic rows)]; the
-    vocabulary projection then runs on the policy and reference rows' last R+1 positions only, the value head
-    on the policy rows (or on the critic rows when the critic is an adapter of its own), the reward head on
-    the reward rows' scoring position. peft allows per-row adapters in eval mode only;
-    dropout is off either way, so the numbers are those of the separate passes (tests compare them).
+    The decoder body runs once over [policy rows; reference rows; (reward rows); (critic rows)]; the model's
+    own output layer (with its logit post-processing) then runs on the policy and reference rows' last R+1
+    positions only, the value head on the policy rows (or on the critic rows when the critic is an adapter
+    of its own), the reward head on the reward rows' scoring position. Run it in eval mode (dropout off), so
+    the numbers are those of the separate passes (tests compare them).
     """
     peft_model = model.pretrained_model
     causal_lm = peft_model.get_base_model()
-    body, lm_head = causal_lm.base_model, causal_lm.get_output_embeddings()
     width, mask, targets = response_view(batch)
     critic = model.critic_adapter  # None: the value head reads the policy rows
-    roles = [model.active_adapter, "__base__"] + ([model.reward_adapter_name] if with_reward else []) + (
-        [critic] if critic else [])
+    roles = fused_roles(model, with_reward)
     parts = []
     for rows in torch.arange(mask.shape[0], device=mask.device).split(chunk):
         n = len(rows)
         ids, attention, positions = (batch[k][rows].repeat(len(roles), 1)
                                      for k in ("input_ids", "attention_mask", "position_ids"))
-        names = [name for name in roles for _ in range(n)]
-        with peft_model._enable_peft_forward_hooks(adapter_names=names):
-            hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions,
-                          use_cache=False).last_hidden_state  # [len(roles)*n, W, H]
-            logits = lm_head(hidden[:2 * n, -width - 1:])  # policy + reference rows, response positions
+        with adapter_rows(peft_model, fixed_rows([name for name in roles for _ in range(n)])):
+            # logits of the policy + reference rows at the response positions; hidden [len(roles)*n, W, H]
+            logits, hidden = causal_lm_rows(causal_lm, 2 * n, width + 1, input_ids=ids, attention_mask=attention,
+                                            position_ids=positions)
         logprobs, log_probs = logprobs_at_responses(logits[:n], targets[rows], temperature)
         ref_logprobs, _ = logprobs_at_responses(logits[n:2 * n], targets[rows], temperature)
         value_rows = hidden[-n:] if critic else hidden[:n]

@@ -179,3 +179,72 @@ def make_imdb_hub_folder(out_dir, n_train: int = 200, n_test: int = 1000, n_unsu
         table.to_parquet(str(out_dir / "plain_text" / f"{split}-00000-of-00001.parquet"))
     (out_dir / "README.md").write_text(IMDB_CARD)
     return out_dir
+
+
+def make_padless_tokenizer(texts=TEXTS):
+    """Like `make_tokenizer` (eos 1, unk 2) but WITHOUT a pad token, as gpt2 and the Qwen2.5 bases ship."""
+    tokenizer = make_tokenizer(texts)
+    tokenizer.pad_token = None
+    return tokenizer
+
+
+def make_hub_like_base(out_dir, seed: int = 0) -> Path:
+    """A tiny Llama saved as Hub bases often are: no `pad_token_id` in its config, a tokenizer without pad."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_padless_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    assert config.pad_token_id is None
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def train_reward_adapter_with_trl(base_dir, tokenizer, out_dir, *, steps: int = 2, bf16: bool | None = None,
+                                  save_tokenizer: bool = True, seed: int = 0) -> Path:
+    """A few steps of TRL's RewardTrainer (LoRA, SEQ_CLS) on the base in `base_dir`, saved with `save_model`.
+
+    `bf16=None` keeps RewardConfig's own default (bf16 on), the setting that used to leak into a later PPOTrainer.
+    Reviews end with EOS, as stage 2 and TRL's own tokenisation write them. TRL sets pad = EOS on a tokenizer
+    without a pad token (in place, on `tokenizer`) and in the classifier's config, not in the base's files.
+    """
+    import shutil
+    import tempfile
+    import warnings
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import RewardConfig, RewardTrainer
+
+    eos = tokenizer.eos_token_id
+    words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]  # noqa: E731
+    rows = [{"chosen_ids": words(c), "rejected_ids": words(r)} for c, r in zip(TEXTS[0::2], TEXTS[1::2])]
+    work = tempfile.mkdtemp(prefix="trl-reward-")
+    try:
+        args = RewardConfig(output_dir=work, max_steps=steps, per_device_train_batch_size=2, learning_rate=0.05,
+                            report_to="none", save_strategy="no", use_cpu=True, seed=seed, logging_steps=1,
+                            **({} if bf16 is None else {"bf16": bf16}))
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = RewardTrainer(model=load_sequence_classifier(base_dir), args=args,
+                                    train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                    peft_config=LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                           target_modules=["q_proj", "v_proj"]))
+            trainer.train()
+            with torch.no_grad():  # LoRA B starts at zero: make the adapter matter after so few steps
+                generator = torch.Generator().manual_seed(seed)
+                for name, param in trainer.model.named_parameters():
+                    if "lora_B" in name:
+                        param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+            trainer.model.save_pretrained(out_dir)
+        if save_tokenizer:
+            tokenizer.save_pretrained(out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Path(out_dir)

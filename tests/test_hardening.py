@@ -80,17 +80,22 @@ def trainable_copy(model):
 
 
 # ------------------------------------------------------------------------ 1. reward pooling when pad == EOS
-@pytest.fixture(scope="module")
-def pad_is_eos(tmp_path_factory):
-    """A base whose config says pad == EOS (what TRL's RewardTrainer leaves behind), with its reward adapter."""
-    from transformers import AutoConfig
+@pytest.fixture(scope="module", params=["config_pad_is_eos", "config_without_pad"])
+def pad_is_eos(request, tmp_path_factory):
+    """A reward adapter trained with pad == EOS (what TRL's RewardTrainer does on a tokenizer without a pad token),
+    its tokenizer saved with it; on a base whose config says pad == EOS, or, as on the Hub, has no pad id."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    root = tmp_path_factory.mktemp("pad_is_eos")
+    root = tmp_path_factory.mktemp(request.param)
     base = make_tiny_llama(root / "base")
     config = AutoConfig.from_pretrained(base)
-    config.pad_token_id = config.eos_token_id
+    config.pad_token_id = config.eos_token_id if request.param == "config_pad_is_eos" else None
     config.save_pretrained(base)
-    return types.SimpleNamespace(kind="llama", base=str(base), adapter=str(make_reward_adapter(base, root / "rm")))
+    adapter = make_reward_adapter(base, root / "rm", save_tokenizer=False)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(adapter)
+    return types.SimpleNamespace(kind="llama", base=str(base), adapter=str(adapter), config_pad=config.pad_token_id)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -106,10 +111,12 @@ def test_pad_equal_to_eos_reads_where_hf_sequence_classification_reads(pad_is_eo
         input_ids[i, span], attention_mask[i, span] = row, 1
     model = AutoModelForCausalLMWithValueHead.from_pretrained(pad_is_eos.base, peft_config=lora(),
                                                               reward_adapter=pad_is_eos.adapter)
+    assert model.config.pad_token_id == pad_is_eos.config_pad  # the base's files as they were
     ours = model.compute_reward_score(input_ids=input_ids, attention_mask=attention_mask)
+    trained = plain_reward_model(pad_is_eos.base, pad_is_eos.adapter)
+    trained.config.pad_token_id = eos  # the reward model as it was trained: padded with EOS
     with torch.no_grad():
-        hf = plain_reward_model(pad_is_eos.base, pad_is_eos.adapter)(input_ids=input_ids,
-                                                                    attention_mask=attention_mask).logits[:, 0]
+        hf = trained(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
     torch.testing.assert_close(ours, hf, atol=1e-5, rtol=1e-5)
     # and that is NOT the score at the trailing EOS, where a pad-distinct-from-EOS model would read
     at_eos = model.compute_reward_score(input_ids=input_ids, attention_mask=attention_mask, per_token=True)
