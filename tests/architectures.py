@@ -100,6 +100,28 @@ FAMILIES = [
            "norms after attention and MLP (not before), q/k RMSNorm over all heads (OLMo-2-1B)"),
     Family("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", dict(LLAMA_SIZES, no_rope_layers=[1, 0]),
            "a layer without RoPE (SmolLM3-3B: every 4th), tied embeddings"),
+    Family("phi", "PhiConfig", "PhiForCausalLM",
+           dict(LLAMA_SIZES, num_attention_heads=2, num_key_value_heads=2, partial_rotary_factor=0.4, resid_pdrop=0.1),
+           "RoPE on 40% of each head, parallel attention + MLP, `dense`/`fc1`/`fc2` layers, dropout 0.1 (phi-2)"),
+    Family("falcon", "FalconConfig", "FalconForCausalLM",
+           dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, multi_query=True, parallel_attn=True,
+                new_decoder_architecture=False, bias=False),
+           "multi-query attention (1 KV head), parallel attention + MLP, fused query_key_value (falcon-7b)"),
+    Family("gpt_bigcode", "GPTBigCodeConfig", "GPTBigCodeForCausalLM",
+           dict(n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64, multi_query=True),
+           "multi-query attention, attention dropout 0.1 kept as a float `attn_dropout` (starcoderbase, santacoder)"),
+    Family("bloom", "BloomConfig", "BloomForCausalLM", dict(hidden_size=HIDDEN, n_layer=2, n_head=4),
+           "ALiBi (no position ids: positions from the attention mask), embedding LayerNorm (bloom-560m)"),
+    Family("cohere2", "Cohere2Config", "Cohere2ForCausalLM",
+           dict(LLAMA_SIZES, logit_scale=0.25, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+           "logit_scale=0.25, local/global layers (sliding window 4, c4ai-command-r7b: 4096); "
+           "no Cohere2ForSequenceClassification",
+           logit_post_processing=True),
+    Family("lfm2", "Lfm2Config", "Lfm2ForCausalLM",
+           dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, layer_types=["conv", "full_attention"]),
+           "a short-convolution layer next to attention (LFM2-350M: 10 conv, 6 attention); no "
+           "Lfm2ForSequenceClassification"),
 ]
 BY_NAME = {family.name: family for family in FAMILIES}
 

@@ -29,6 +29,7 @@ from marl_utils.modeling import AutoModelForCausalLMWithValueHead
 from marl_utils.ppo import PPOTrainer
 from marl_utils.ppo_config import PPOConfig
 from marl_utils.ppo_core import build_rollout_batch, left_pad
+from marl_utils.reward import load_reward_model
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -95,6 +96,10 @@ def test_reward_adapter_scores_like_the_plain_classifier(family):
             input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
     ours = load(family, "head").compute_reward_score(input_ids=input_ids, attention_mask=attention_mask)
     torch.testing.assert_close(ours, expected, **TOL)
+    # stage 2's own classifier (also for families transformers has none for) is that reward model too
+    stage2 = load_reward_model(family.base, family.tok, family.adapter).eval()
+    torch.testing.assert_close(stage2(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1),
+                               expected, **TOL)
 
 
 @pytest.mark.parametrize("rollout", ROLLOUTS)
