@@ -114,8 +114,9 @@ def causal_lm_rows(causal_lm, keep: int, logits_to_keep: int = 0, **inputs):
     A forward hook cuts the body's output to the first `keep` rows before the output layer: the rows that
     need no logits (reward, critic) cost no vocabulary projection. K = `logits_to_keep` (0: every position).
     """
-    body, captured = causal_lm.base_model, {}
-    if body is causal_lm:
+    # the module whose output the output layer reads (OPT's CausalLM calls `model.decoder`, not `model`)
+    body, captured = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.base_model, {}
+    if body is causal_lm or body is None:
         raise TypeError(f"{type(causal_lm).__name__} has no separate decoder body to read hidden states from")
 
     def cut(_, args, output):
@@ -131,4 +132,7 @@ def causal_lm_rows(causal_lm, keep: int, logits_to_keep: int = 0, **inputs):
         out = causal_lm(**inputs, logits_to_keep=logits_to_keep, use_cache=False, return_dict=True)
     finally:
         handle.remove()
+    if "hidden" not in captured:
+        raise TypeError(f"{type(causal_lm).__name__}.forward does not call its decoder {type(body).__name__}: "
+                        "use PPOConfig(fused_rollout=False) and critic='head' with this model")
     return out.logits, captured["hidden"]

@@ -351,10 +351,18 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         return adapter_parameters(self.pretrained_model, name)
 
     def critic_parameters(self, adapter_name=None) -> list:
-        """The LoRA parameters of a policy's critic adapter (default: the active policy's); [] with critic="head"."""
+        """The LoRA parameters of a policy's critic adapter (default: the active policy's); [] with critic="head".
+
+        Not its parts of the output layer (LoRA on lm_head, a modules_to_save copy of it): the value head reads
+        the critic's last hidden state, before that layer, so they get no gradient (and DDP wants none such).
+        """
         name = self._check_policy_name(adapter_name if adapter_name is not None else self._active_policy)
         critic = self.critic_adapter_names.get(name)
-        return adapter_parameters(self.pretrained_model, critic) if critic else []
+        if not critic:
+            return []
+        output = self.pretrained_model.get_base_model().get_output_embeddings()
+        unused = {id(param) for param in output.parameters()} if output is not None else set()
+        return [param for param in adapter_parameters(self.pretrained_model, critic) if id(param) not in unused]
 
     def value_parameters(self) -> list:
         """What the value loss trains beyond the shared trunk: the value head, and the critic adapter if any."""

@@ -4,6 +4,7 @@ configuration either fused correctly, run in separate passes (said once), or ref
 Configurations users bring: DoRA (policy or reward adapter), LoRA on lm_head, modules_to_save copies of a
 Linear (lm_head), an Embedding or a norm, each with critic="head" and critic="adapter"."""
 
+import contextlib
 import os
 import types
 
@@ -132,6 +133,21 @@ def test_lm_head_lora_and_modules_to_save_are_fused_per_row(s, tok, config, crit
     trainer.fuse_rollout = True
     stats = trainer.step(queries, responses, torch.tensor([1.0, -1.0, 0.5, 0.0]))
     assert abs(stats["ppo/policy/approxkl_first"]) < 1e-6, stats  # rollout == training forward
+    assert_every_trained_parameter_gets_a_gradient(model, batch)
+
+
+def assert_every_trained_parameter_gets_a_gradient(model, batch):
+    """DDP (find_unused_parameters=False) fails on a trainable parameter that no loss reaches."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    model.zero_grad(set_to_none=True)
+    model.train()
+    with model.critic_rows() if model.critic_adapter else contextlib.nullcontext():
+        logits, _, values = model(**inputs)
+        (logits.logsumexp(-1).mean() + values.mean()).backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in model.trainable_parameters()}
+    assert all(p.grad is not None for p in trainable)
+    model.zero_grad(set_to_none=True)
 
 
 def test_a_fresh_policy_with_lora_on_lm_head_and_a_critic_adapter_has_zero_kl(s, tok):
@@ -194,3 +210,32 @@ def test_what_peft_cannot_run_per_row_falls_back_to_separate_passes(s, tok, caps
 def test_critic_adapter_is_refused_where_peft_cannot_route_per_row(s, lora_kw, expected):
     with pytest.raises(MarlInputError, match=f"critic='adapter'.*{expected}.*Use critic='head'"):
         build(s, critic="adapter", **lora_kw)
+
+
+@pytest.mark.parametrize("critic", ["head", "adapter"])
+def test_a_causal_lm_that_calls_its_decoder_directly_is_fused_too(tmp_path, tok, critic):
+    """OPTForCausalLM runs `model.decoder`, not `model`: the rows are cut where the output layer reads them."""
+    from stand_ins import _save
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    config = OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                       word_embed_proj_dim=32, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                       bos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    base = _save(AutoModelForCausalLM.from_config(config), tok, tmp_path / "opt")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=QV, task_type="CAUSAL_LM")
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(str(base), peft_config=lora, critic=critic)
+    perturb(model.policy_parameters(), 1)
+    perturb(model.critic_parameters(), 2)
+    trainer = trainer_for(model, tok)
+    queries, responses, batch = data(tok)
+    out = {}
+    for fused in (True, False):
+        trainer.fuse_rollout = fused
+        out[fused] = trainer.rollout_forward(batch)
+    mask = out[True].mask.bool()
+    for name in ("logprobs", "values", "ref_logprobs"):
+        torch.testing.assert_close(getattr(out[True], name)[mask], getattr(out[False], name)[mask], atol=1e-5,
+                                   rtol=1e-5, msg=name)
+    stats = trainer.step(queries, responses, torch.tensor([1.0, -1.0, 0.5, 0.0]))
+    assert abs(stats["ppo/policy/approxkl_first"]) < 1e-6, stats
