@@ -47,6 +47,7 @@ class Family:
     pad_is_eos: bool = False     # the tokenizer pads with EOS (as users set it for GPT-2, Qwen2.5, Phi-3)
     config_pad: bool = True      # the base config records a pad_token_id (GPT-2's and Qwen2.5's do not)
     logit_post_processing: bool = False  # the causal LM changes lm_head's output before returning logits
+    lora_targets: str | tuple = "all-linear"  # of the policy, critic and reward adapters
     notes: dict = field(default_factory=dict)
 
 
@@ -117,6 +118,11 @@ FAMILIES = [
            "logit_scale=0.25, local/global layers (sliding window 4, c4ai-command-r7b: 4096); "
            "no Cohere2ForSequenceClassification",
            logit_post_processing=True),
+    Family("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+           dict(LLAMA_SIZES, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+           "mixture of experts (top-2 of 4), LoRA on attention only: peft cannot route its LoRA on expert "
+           "parameters per row (Qwen3-30B-A3B: top-8 of 128)",
+           lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")),
     Family("lfm2", "Lfm2Config", "Lfm2ForCausalLM",
            dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, layer_types=["conv", "full_attention"]),
@@ -212,7 +218,8 @@ def build_reward_adapter(family: Family, base_dir, out_dir, seed: int = 0, r: in
     from peft import LoraConfig, get_peft_model
 
     classifier = load_sequence_classifier(family, base_dir)
-    config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
+    config = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                        target_modules=_targets(family))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # GPT-2's Conv1D "fan_in_fan_out" notice
         model = get_peft_model(classifier, config)
@@ -226,6 +233,17 @@ def build_reward_adapter(family: Family, base_dir, out_dir, seed: int = 0, r: in
     model.save_pretrained(out_dir)
     tokenizer_for(family).save_pretrained(out_dir)  # as RewardTrainer saves its processing class
     return out_dir
+
+
+def _targets(family: Family):
+    return family.lora_targets if isinstance(family.lora_targets, str) else list(family.lora_targets)
+
+
+def lora_config(family: Family, task_type: str = "CAUSAL_LM", r: int = 4):
+    """The LoRA config of the family's policy (and critic) adapter."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=2 * r, target_modules=_targets(family), task_type=task_type)
 
 
 def plain_reward_model(family: Family, base_dir, adapter_dir):

@@ -19,9 +19,8 @@ import warnings
 
 import pytest
 import torch
-from architectures import FAMILIES, VOCAB, build_family, build_reward_adapter, plain_reward_model, randomize_lora
-from architectures import tokenizer_for
-from peft import LoraConfig
+from architectures import (FAMILIES, VOCAB, build_family, build_reward_adapter, lora_config, plain_reward_model,
+                           randomize_lora, tokenizer_for)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -51,8 +50,7 @@ def family(request, tmp_path_factory):
 
 def load(family, critic: str):
     torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
-    return AutoModelForCausalLMWithValueHead.from_pretrained(family.base, peft_config=lora,
+    return AutoModelForCausalLMWithValueHead.from_pretrained(family.base, peft_config=lora_config(family.spec),
                                                              reward_adapter=family.adapter, critic=critic)
 
 
