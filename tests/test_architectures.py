@@ -172,3 +172,14 @@ def test_rollout_logprobs_are_those_generate_sampled_from(family, critic):
                             position_ids=batch["position_ids"], output_hidden_states=True)
             raw = causal_lm.get_output_embeddings()(out.hidden_states[-1])
         assert (raw.log_softmax(-1) - out.logits.log_softmax(-1)).abs().max() > 1.0
+
+
+def test_stage2_refuses_a_family_it_cannot_make_a_classifier_for():
+    """CodeGen has no *ForSequenceClassification and keeps its body as `transformer`: refused, by name."""
+    from transformers import CodeGenConfig
+
+    from marl_utils.errors import MarlInputError
+    from marl_utils.sequence_classifier import sequence_classifier_class
+
+    with pytest.raises(MarlInputError, match="'codegen' has no sequence classifier in transformers"):
+        sequence_classifier_class(CodeGenConfig())
