@@ -4,8 +4,8 @@ Layout of one checkpoint, `OUT/checkpoints/step-000010/`:
 
     model/               model.save_pretrained: policy adapter(s) (peft format) + value heads; loadable
                          on its own with AutoModelForCausalLMWithValueHead.from_pretrained
-    trainer_state.pt     optimizer, KL controller, score statistics, step counter, history, RNG states of
-                         every process
+    trainer_state.pt     optimizer, fp16 GradScaler, KL controller, score statistics, step counter, history,
+                         RNG states of every process
     checkpoint.json      format marker, step, adapter names, the PPOConfig and a fingerprint of the prompts
                          the run trained on (read first, so a foreign folder fails fast)
 
@@ -80,7 +80,8 @@ def save_checkpoint(trainer, checkpoints_dir) -> Path:
     if accelerator.is_main_process:
         state = {
             "format": FORMAT, "version": VERSION, "step_count": trainer.step_count, "history": trainer.history,
-            "optimizer": trainer.optimizer.state_dict(), "kl_ctl": trainer.kl_ctl.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.stepper.scaler_state(),
+            "kl_ctl": trainer.kl_ctl.state_dict(),
             "score_moments": trainer.score_moments.state_dict(),
             "config": trainer.config.to_dict(), "rng": rng_states,
         }
@@ -229,6 +230,7 @@ def load_checkpoint(trainer, path) -> Path:
                     raise ValueError(f"unexpected adapter weights {result.unexpected_keys[:3]}")
             model.v_heads.load_state_dict({k: v.to(model.device) for k, v in heads.items()}, strict=False)
         trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.stepper.load_scaler_state(state.get("scaler"))
     except (RuntimeError, ValueError, KeyError) as err:
         raise MarlInputError(f"checkpoint {folder} does not fit this model/optimizer ({err}); resume with the same "
                              "base model, LoRA config and optimizer that wrote it") from err

@@ -6,6 +6,11 @@ would switch it off too, but eval mode also switches off HF gradient checkpointi
 `module.training`), so a user who enables checkpointing to fit a bigger base would silently save nothing.
 `dropout_disabled` therefore sets every dropout probability to 0 for the duration and leaves the modes
 alone; `eval_mode` is kept for generation and scoring, which need no gradients at all.
+
+One dropout may stay on in PPO's training forward: the value head's own (`value_head_dropout`, off by
+default), passed as `keep`. It sits after the trunk and feeds the value loss only, so the policy's logprobs,
+and the ratio that starts the first epoch at 1, are untouched; the rollout's old values are computed
+without it, as regression targets should be.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ FLOAT_DROPOUT_ATTRIBUTES = ("attention_dropout", "dropout", "attn_dropout", "att
 
 
 @contextlib.contextmanager
-def dropout_disabled(model: nn.Module):
-    """Every dropout probability of `model` is 0 inside the block; train/eval modes are left as they are."""
+def dropout_disabled(model: nn.Module, keep: nn.Module | None = None):
+    """Every dropout probability of `model` is 0 inside the block, except within `keep`; modes stay as they are."""
+    kept = {id(module) for module in keep.modules()} if keep is not None else set()
     saved = []
     for module in model.modules():
+        if id(module) in kept:
+            continue
         if isinstance(module, nn.modules.dropout._DropoutNd):
             saved.append((module, "p", module.p))
             module.p = 0.0
@@ -41,12 +49,12 @@ def dropout_disabled(model: nn.Module):
 
 
 @contextlib.contextmanager
-def train_mode_without_dropout(model: nn.Module):
-    """Train mode (so gradient checkpointing runs) with dropout off; every module's mode restored on exit."""
+def train_mode_without_dropout(model: nn.Module, keep: nn.Module | None = None):
+    """Train mode (so gradient checkpointing runs) with dropout off (but in `keep`); every module's mode restored."""
     modes = [(module, module.training) for module in model.modules()]
     model.train()
     try:
-        with dropout_disabled(model):
+        with dropout_disabled(model, keep):
             yield model
     finally:
         for module, mode in modes:

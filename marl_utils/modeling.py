@@ -406,7 +406,8 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         `critic="head"` puts the value head on the policy's last hidden state; `critic="adapter"` gives each
         policy a critic LoRA adapter of its own (config `critic_peft_config`, default: the policy's), whose
         last hidden state the value head reads; `critic_init="reward_adapter"` starts that critic (LoRA and
-        head) as a copy of the reward adapter. All input checks, including the reward adapter's files against
+        head) as a copy of the reward adapter. `value_head_dropout` acts in PPO's training forward only (the
+        rollout's values are computed without it). All input checks, including the reward adapter's files against
         the base's config, run before any weights load. `**kwargs` go to `AutoModelForCausalLM.from_pretrained`
         (dtype, device_map, revision...).
         """

@@ -19,7 +19,9 @@ trainer's device (`trainer.device`); responses, scores and batches come back on 
 every forward of a step (generation, rollout, reference, reward, training) runs under the same autocast,
 so at step 0 policy == reference exactly. Dropout is off in the rollout and training forwards (so the
 first epoch starts at ratio 1) by setting its probabilities to 0, not by eval mode, which would also turn
-HF gradient checkpointing off (forward_modes.py).
+HF gradient checkpointing off (forward_modes.py); only the value head's own `value_head_dropout` acts, in
+the training forward (it feeds the value loss alone). A trainer keeps its own precision: building another
+trainer later (TRL's, or one with other settings) does not change it, and `model.forward` stays the model's.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import torch
 from .critic import check_critic_supported
 from .errors import MarlInputError
 from .forward_modes import eval_mode, train_mode_without_dropout
-from .ppo_accelerator import build_accelerator, has_accelerator  # noqa: F401 - has_accelerator: public here too
+from .ppo_accelerator import (build_accelerator, has_accelerator,  # noqa: F401 - has_accelerator: public here too
+                              prepare_model_keeping_forward)
 from .ppo_config import PPOConfig
 from .ppo_core import (AdaptiveKLController, FixedKLController, RunningMoments, build_rollout_batch, compute_gae,
                        compute_rewards, cut_after_eos, distinct_n, global_masked_moments, left_pad, masked_mean,
@@ -41,6 +44,7 @@ from .ppo_core import (AdaptiveKLController, FixedKLController, RunningMoments, 
 from .ppo_eval import evaluate_policy
 from .ppo_inputs import check_context, check_step_inputs, check_token_lists, check_trainer_inputs, generation_kwargs
 from .ppo_optimizer import UpdateStepper
+from .precision import autocast_context
 from .rollout import can_fuse, fused_rollout, policy_forward, separate_rollout
 
 
@@ -74,6 +78,7 @@ class PPOTrainer:
         self.config, self.tokenizer, self.ref_model = config, tokenizer, ref_model
         self.pad_token_id, self.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.accelerator = build_accelerator(config)  # processes, device, precision (ppo_accelerator.py)
+        self._mixed_precision = self.accelerator.mixed_precision  # kept: Accelerate's copy is process-wide
         set_seed(config.seed + self.accelerator.process_index)  # each process samples its own rollouts
         self.prompt_generator = torch.Generator().manual_seed(config.seed)  # the same on every process
 
@@ -93,11 +98,11 @@ class PPOTrainer:
         base = model.pretrained_model.get_base_model()
         placed = bool(getattr(base, "hf_device_map", None)) or getattr(base, "hf_quantizer", None) is not None
         # the prepared model is DDP-wrapped under several processes; it is only used for training forwards
-        self.policy = self.accelerator.prepare_model(model, device_placement=not placed)
+        self.policy = prepare_model_keeping_forward(self.accelerator, model, device_placement=not placed)
         self.optimizer = optimizer  # a plain torch optimizer, stepped by UpdateStepper (ppo_optimizer.py)
         self.stepper = UpdateStepper(self.accelerator, optimizer, model.trainable_parameters, config.max_grad_norm)
         if ref_model is not None:
-            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            self.ref_model = prepare_model_keeping_forward(self.accelerator, ref_model, evaluation_mode=True)
         self.fuse_rollout = self._choose_fused_rollout()
         self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target_kl, config.horizon)
                        if config.adap_kl_ctrl else FixedKLController(config.init_kl_coef))
@@ -116,6 +121,15 @@ class PPOTrainer:
     def device(self) -> torch.device:
         """Where the trainer works and where its outputs (responses, scores) live."""
         return self.accelerator.device
+
+    @property
+    def mixed_precision(self) -> str:
+        """"no", "bf16" or "fp16": this trainer's precision (its own, whatever Accelerate's process state says)."""
+        return self._mixed_precision
+
+    def autocast(self):
+        """The autocast every forward of this trainer runs under (a no-op context in float32)."""
+        return autocast_context(self._mixed_precision, self.device.type)
 
     @property
     def forward_rows(self) -> int:
@@ -165,7 +179,7 @@ class PPOTrainer:
         check_context(self.model, longest + (kwargs.get("max_new_tokens") or 0), "a prompt plus max_new_tokens")
         self._activate_policy()
         outputs = []
-        with eval_mode(self.model), self.accelerator.autocast():
+        with eval_mode(self.model), self.autocast():
             for start in range(0, len(queries), batch_size):
                 chunk = [q.to(self.device) for q in queries[start:start + batch_size]]
                 input_ids, attention_mask = left_pad(chunk, self.pad_token_id)
@@ -180,7 +194,7 @@ class PPOTrainer:
         """[B] float32 reward-adapter scores of query + response (any device in, the trainer's device out)."""
         self._activate_policy()
         scores = []
-        with self.accelerator.autocast():
+        with self.autocast():
             for start in range(0, len(queries), self.forward_rows):
                 end = start + self.forward_rows
                 batch = build_rollout_batch(queries[start:end], responses[start:end], self.pad_token_id,
@@ -196,7 +210,7 @@ class PPOTrainer:
         `with_reward` also scores the rows with the reward adapter in the same fused forward (train() uses it).
         """
         chunk = self.forward_rows
-        with torch.no_grad(), self.accelerator.autocast():
+        with torch.no_grad(), self.autocast():
             if self.fuse_rollout:
                 with eval_mode(self.model):  # peft runs per-row adapters in eval mode only; dropout is off there
                     return fused_rollout(self.model, batch, chunk, self.config.temperature, with_reward)
@@ -211,7 +225,7 @@ class PPOTrainer:
     def score_batch(self, batch: dict) -> torch.Tensor:
         """[B] reward-adapter scores of a rollout batch (the rows as `build_rollout_batch` laid them out)."""
         scores = []
-        with self.accelerator.autocast():
+        with self.autocast():
             rows_all = torch.arange(batch["input_ids"].shape[0], device=self.device)
             for rows in rows_all.split(self.forward_rows):
                 scores.append(self.model.compute_reward_score(
@@ -319,7 +333,9 @@ class PPOTrainer:
         # with a critic adapter every training forward runs [policy rows; critic rows] (critic.py); the context
         # spans the backward passes too, which recompute layers under gradient checkpointing
         critic_rows = self.model.critic_rows() if self.model.critic_adapter else contextlib.nullcontext()
-        with train_mode_without_dropout(self.model), accelerator.autocast(), critic_rows:
+        # the value head's own dropout (value_head_dropout) stays on: it regularises the value regression and
+        # never reaches the policy's logprobs (forward_modes.py)
+        with train_mode_without_dropout(self.model, keep=self.model.v_heads), self.autocast(), critic_rows:
             for epoch in range(cfg.ppo_epochs):
                 order = torch.randperm(cfg.batch_size).to(self.device)
                 per_epoch = []

@@ -6,6 +6,13 @@ or each process would train an unsynchronised copy. The precision comes from `PP
 accumulation plugin: Accelerate keeps accumulation state in ONE object shared by every Accelerator of the
 process, so two trainers with different settings (notebook 05) would rescale each other's gradients; the
 trainer accumulates itself.
+
+Precision is process-wide in Accelerate too, and a transformers/TRL Trainer (stage 1, stage 2) resets it
+whenever its arguments are built. A PPOTrainer asks for its own precision explicitly (precision.py) and,
+where another trainer left another one, resets Accelerate's precision state as those Trainers do. Its
+forwards then run under its own autocast (`PPOTrainer.autocast`), so a later trainer cannot change them.
+`prepare_model` would also replace `model.forward` in place with an autocast wrapper, changing the user's
+own `model(...)` calls afterwards; `prepare_model_keeping_forward` undoes that.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import torch
 
 from .errors import MarlInputError
 from .precision import resolve_mixed_precision, warn_if_slow
+
+MODEL_FORWARD_WRAPPER_ATTRIBUTES = ("forward", "_original_forward")  # set on the instance by prepare_model
 
 
 def has_accelerator() -> bool:
@@ -34,10 +43,17 @@ def build_accelerator(config):
     from accelerate.utils import DistributedType
 
     cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator()
+    from accelerate.state import AcceleratorState
+
     mixed = resolve_mixed_precision(config.mixed_precision, use_cuda=torch.cuda.is_available() and not cpu_processes)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed):
+        # another trainer of this process (TRL's RewardTrainer: bf16 by default) set another precision; the
+        # transformers Trainer resets this state the same way. Processes and devices (PartialState) stay.
+        AcceleratorState._reset_state(reset_partial_state=False)
     try:
         accelerator = Accelerator(log_with=config.log_with, project_dir=config.logging_dir, cpu=cpu_processes,
-                                  **({} if mixed is None else {"mixed_precision": mixed}))
+                                  mixed_precision=mixed)
     except ValueError as err:
         if "already been initialized" not in str(err):
             raise
@@ -52,3 +68,17 @@ def build_accelerator(config):
                              "frozen base the state ZeRO-2 would shard is only the adapter, value head and Adam")
     warn_if_slow(accelerator.mixed_precision, accelerator.device.type == "cuda")
     return accelerator
+
+
+def prepare_model_keeping_forward(accelerator, model, **kwargs):
+    """`accelerator.prepare_model`, with `model.forward` left as it was (the trainer autocasts its own passes).
+
+    Under bf16/fp16, Accelerate stores an autocast wrapper as the instance attribute `model.forward` (and the
+    original as `_original_forward`); dropping both brings back the class's forward for every caller.
+    """
+    before = {name: model.__dict__[name] for name in MODEL_FORWARD_WRAPPER_ATTRIBUTES if name in model.__dict__}
+    prepared = accelerator.prepare_model(model, **kwargs)
+    for name in MODEL_FORWARD_WRAPPER_ATTRIBUTES:
+        model.__dict__.pop(name, None)
+    model.__dict__.update(before)
+    return prepared

@@ -102,8 +102,10 @@ class PPOConfig:
     """Write a checkpoint every this many steps when `train()` has an output_dir; 0 = only at the end."""
     mixed_precision: str | None = None
     """"no", "bf16", "fp16", or "auto" (bf16 where the hardware computes it fast: CUDA with bf16, CPUs with
-    AMX/avx512_bf16; else fp32); None = Accelerate's setting (`accelerate config`, ACCELERATE_MIXED_PRECISION).
-    Whatever it is, generation, rollout, reference, reward and training forwards all run under it."""
+    AMX/avx512_bf16; else fp32); None = the launcher's setting (ACCELERATE_MIXED_PRECISION, which `accelerate
+    launch` sets from `accelerate config`), else fp32: never what an earlier trainer of the process (TRL's
+    RewardConfig defaults to bf16) left in Accelerate's state. Whatever it is, generation, rollout, reference,
+    reward and training forwards all run under it."""
     log_with: str | None = None
     """Also log stats to an Accelerate tracker ("tensorboard", "wandb", ...); None = history and progress bar only."""
     logging_dir: str | None = None

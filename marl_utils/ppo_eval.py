@@ -29,7 +29,7 @@ def evaluate_policy(trainer, prompts, seed: int | None = None, num_samples: int 
         responses = trainer.generate(prompts, batch_size=cfg.generation_batch_size or cfg.batch_size)
     scores = trainer.score(prompts, responses)
     kls = []
-    with train_mode_without_dropout(trainer.model), trainer.accelerator.autocast():
+    with train_mode_without_dropout(trainer.model), trainer.autocast():
         for start in range(0, len(prompts), trainer.forward_rows):
             chunk = slice(start, start + trainer.forward_rows)
             batch = build_rollout_batch(prompts[chunk], responses[chunk], trainer.pad_token_id, device=trainer.device)

@@ -3,8 +3,9 @@
 `UpdateStepper` wraps a plain torch optimizer (not Accelerate's wrapper, which decides whether to step from
 the process-wide accumulation state, see ppo_accelerator.py): the loss is scaled for fp16 where Accelerate
 made a GradScaler, gradients are unscaled before clipping, and `snapshot` / `restore` put the trainable
-weights, the optimizer state and the score statistics back when a step fails half-way (a non-finite loss
-after some minibatches were already applied), so a failed step leaves no half-applied update behind.
+weights, the optimizer state, the GradScaler's scale and the score statistics back when a step fails
+half-way (a non-finite loss after some minibatches were already applied), so a failed step leaves no
+half-applied update behind.
 """
 
 from __future__ import annotations
@@ -49,10 +50,21 @@ class UpdateStepper:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def scaler_state(self) -> dict | None:
+        """The fp16 GradScaler's scale and growth counter (None without one): part of an exact resume."""
+        scaler = self.accelerator.scaler
+        return scaler.state_dict() if scaler is not None else None
+
+    def load_scaler_state(self, state: dict | None) -> None:
+        scaler = self.accelerator.scaler
+        if scaler is not None and state:  # an empty state comes from a disabled scaler: nothing to restore
+            scaler.load_state_dict(state)
+
     def snapshot(self, extra_state: dict) -> dict:
-        """Copies of what a step changes: trainable weights, optimizer state, and `extra_state` (plain values)."""
+        """Copies of what a step changes: trainable weights, optimizer and GradScaler state, and `extra_state`."""
         return {"params": [p.detach().clone() for p in self.params()],
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "extra": copy.deepcopy(extra_state)}
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "scaler": self.scaler_state(),
+                "extra": copy.deepcopy(extra_state)}
 
     def restore(self, snapshot: dict) -> dict:
         """Put weights and optimizer back as they were at `snapshot`; returns its extra_state."""
@@ -61,4 +73,5 @@ class UpdateStepper:
                 param.copy_(saved)
         self.optimizer.load_state_dict(snapshot["optimizer"])
         self.optimizer.zero_grad(set_to_none=True)
+        self.load_scaler_state(snapshot["scaler"])
         return snapshot["extra"]

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import MarlInputError
-from .value_head import hidden_and_vocab_size
+from .value_head import Float32Linear, hidden_and_vocab_size
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -71,8 +71,9 @@ def resolve_adapter_folder(name_or_path, hub_kwargs: dict | None = None) -> Path
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(name_or_path), allow_patterns=[ADAPTER_CONFIG, *WEIGHT_FILES, "tokenizer*"],
-                                      **(hub_kwargs or {})))
+        # the tokenizer files too: its pad id says where the head was trained to read
+        patterns = [ADAPTER_CONFIG, *WEIGHT_FILES, "tokenizer*", "special_tokens_map.json"]
+        return Path(snapshot_download(str(name_or_path), allow_patterns=patterns, **(hub_kwargs or {})))
     except Exception as err:  # offline, unknown repo, no access: all the same to the user
         raise MarlInputError(f"reward adapter {name_or_path!r} is not a local folder and could not be fetched from "
                              f"the Hugging Face Hub ({type(err).__name__}); {STAGE2_HINT}") from err
@@ -267,11 +268,11 @@ def check_fits_base(files: RewardAdapterFiles, causal_lm) -> None:
 
 
 def load_score_head(files: RewardAdapterFiles, device=None) -> nn.Linear:
-    """The reward model's score head as a frozen float32 `Linear(hidden, 1)`."""
+    """The reward model's score head as a frozen `Linear(hidden, 1)` that computes in float32 under autocast too."""
     tensors = read_tensors(files.weights_file, files.head_keys.values())
     weight = tensors[files.head_keys["weight"]]
     bias = tensors.get(files.head_keys.get("bias"))
-    head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=torch.float32, device=device)
+    head = Float32Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=torch.float32, device=device)
     with torch.no_grad():
         head.weight.copy_(weight.float())
         if bias is not None:

@@ -1,8 +1,10 @@
 """The value head: V(s_t) for every token position, read off the policy's last hidden state (notebook 03).
 
 PPO's critic shares the policy's body, so the value function costs one `Linear(hidden, 1)` per policy
-adapter. It is kept in float32 whatever the base's dtype (a quantized or half-precision base would
-otherwise make the value regression noisy).
+adapter. It is kept AND computed in float32 whatever the base's dtype and whatever autocast is on (a
+quantized or half-precision base, or a bf16 step, would otherwise make the value regression noisy: under
+bf16 autocast a plain Linear rounds a score of 3.14159 to 3.140625). The reward adapter's score head is the
+same `Float32Linear`.
 """
 
 from __future__ import annotations
@@ -23,13 +25,21 @@ def hidden_and_vocab_size(config) -> tuple[int, int]:
     return int(hidden), int(text_config.vocab_size)
 
 
+class Float32Linear(nn.Linear):
+    """A Linear that computes in float32 even inside a bf16/fp16 autocast region (its input is cast up)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return super().forward(x.to(self.weight.dtype))
+
+
 class ValueHead(nn.Module):
     """Dropout(p) then Linear(hidden, 1) in float32: hidden states [B, T, H] -> values [B, T]."""
 
     def __init__(self, hidden_size: int, dropout: float = 0.0):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        self.linear = Float32Linear(hidden_size, 1, dtype=torch.float32)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states.to(self.linear.weight.dtype)

@@ -239,3 +239,22 @@ def test_a_causal_lm_that_calls_its_decoder_directly_is_fused_too(tmp_path, tok,
                                    rtol=1e-5, msg=name)
     stats = trainer.step(queries, responses, torch.tensor([1.0, -1.0, 0.5, 0.0]))
     assert abs(stats["ppo/policy/approxkl_first"]) < 1e-6, stats
+
+
+def test_layer_types_peft_cannot_run_per_row_are_named():
+    """peft's own per-layer check decides: a LoRA on nn.MultiheadAttention has no per-row forward."""
+    from peft import get_peft_model
+
+    from marl_utils.adapter_rows import per_row_problem
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+            self.proj = torch.nn.Linear(8, 8)
+
+    linear_only = get_peft_model(Block(), LoraConfig(r=2, target_modules=["proj"]))
+    assert per_row_problem(linear_only, ["default", "__base__"]) is None
+    with_attention = get_peft_model(Block(), LoraConfig(r=2, target_modules=["attn", "proj"]))
+    why = per_row_problem(with_attention, ["default", "__base__"])
+    assert why is not None and why.startswith("base_model.model.attn") and "MultiheadAttention" in why, why

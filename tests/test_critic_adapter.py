@@ -100,25 +100,42 @@ def test_only_policy_critic_and_value_head_change_in_training(stand_ins, tok, ki
     assert torch.equal(model.reference_logits(**probe), ref_before)  # base untouched
 
 
-def test_no_gradient_crosses_between_policy_and_critic(stand_ins, tok):
-    model = make_model(stand_ins["llama"]).train()
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_no_gradient_crosses_between_policy_and_critic(stand_ins, tok, checkpointing):
+    """Through the trainer's own training forward: one stacked [policy; critic] pass, backward inside critic_rows
+    (where gradient checkpointing recomputes the layers)."""
+    from marl_utils.forward_modes import train_mode_without_dropout
+    from marl_utils.rollout import policy_forward
+
+    model = make_model(stand_ins["llama"])
     with torch.no_grad():
         for p in model.critic_parameters():
             p.normal_(0, 0.1)  # a critic that differs from the policy
+    if checkpointing:
+        model.pretrained_model.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = PPOTrainer(config(), model, tok)
     batch = build_rollout_batch(*rollouts(tok)[:2], tok.pad_token_id)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    rows = torch.arange(4)
+    body_rows = []
+    body = model.pretrained_model.get_base_model().model
+    hook = body.register_forward_pre_hook(lambda module, args, kwargs: body_rows.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
 
     def grads(loss_of):
         model.zero_grad(set_to_none=True)
-        logits, _, values = model(**inputs)
-        loss_of(logits, values).backward()
+        with train_mode_without_dropout(model), model.critic_rows():
+            logprobs, values, _ = policy_forward(trainer.policy, batch, rows, 1.0)
+            loss_of(logprobs, values).backward()
         norm = lambda ps: sum(float(p.grad.abs().sum()) for p in ps if p.grad is not None)  # noqa: E731
         return norm(model.policy_parameters()), norm(model.critic_parameters() + list(model.v_head.parameters()))
 
-    policy_grad, critic_grad = grads(lambda logits, values: logits.logsumexp(-1).mean())
+    policy_grad, critic_grad = grads(lambda logprobs, values: logprobs.mean())
     assert policy_grad > 0 and critic_grad == 0
-    policy_grad, critic_grad = grads(lambda logits, values: (values ** 2).mean())
+    policy_grad, critic_grad = grads(lambda logprobs, values: (values ** 2).mean())
     assert policy_grad == 0 and critic_grad > 0
+    hook.remove()
+    assert body_rows and set(body_rows) == {8}  # every pass (and recomputation) ran the 4 rows stacked twice
 
 
 def test_values_come_from_the_critic_adapter(stand_ins, tok):
@@ -182,6 +199,14 @@ def test_save_load_and_resume_with_a_critic_adapter(stand_ins, tok, tmp_path):
     resumed = PPOTrainer(config(steps=2), make_model(s), tok)
     resumed.train(prompts(tok), output_dir=tmp_path / "run", resume=True, progress=False)
     assert resumed.step_count == 2
+    whole = PPOTrainer(config(steps=2), make_model(s), tok)  # the same run, never interrupted
+    whole.train(prompts(tok), progress=False)
+    assert [h["ppo/loss/value"] for h in resumed.history] == [h["ppo/loss/value"] for h in whole.history]
+    for name, param in whole.model.named_parameters():  # policy, critic adapter and value head alike
+        assert torch.equal(param, dict(resumed.model.named_parameters())[name]), name
+    with torch.no_grad():
+        assert torch.equal(whole.model.eval()(**inputs)[2], resumed.model.eval()(**inputs)[2])
+        assert not torch.equal(whole.model(**inputs)[2], model(**inputs)[2])  # the second step moved the critic
     with pytest.raises(MarlInputError, match="same critic choice"):
         PPOTrainer(config(steps=3), make_model(s, critic="head"), tok).train(
             prompts(tok), output_dir=tmp_path / "run", resume=True, progress=False)
@@ -211,9 +236,13 @@ def test_each_policy_gets_its_own_critic(stand_ins, tok):
     model.add_policy_adapter("policy_neg", lora("llama"))
     assert model.critic_adapter_names == {"policy_pos": "policy_pos_critic", "policy_neg": "policy_neg_critic"}
     model.set_policy_adapter("policy_neg")
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if "policy_pos" in n}
+    before = snapshot(model)
     PPOTrainer(config(steps=1), model, tok).train(prompts(tok), progress=False)
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "policy_pos" in n)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert not {n for n in changed if "policy_pos" in n}  # the other policy, its critic and value head: untouched
+    assert any(".policy_neg." in n and "lora_" in n for n in changed)  # the trained policy learned
+    assert any(".policy_neg_critic." in n for n in changed)  # so did its critic adapter
+    assert any(n.startswith("v_heads.policy_neg.") for n in changed)  # and its value head
 
 
 def test_a_4bit_base_trains_a_critic_adapter(stand_ins, tok):

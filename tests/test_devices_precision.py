@@ -138,12 +138,18 @@ def test_bf16_autocast_everywhere_gives_zero_kl_at_step_zero(stand_in, tok, fuse
     assert abs(stats["ppo/policy/approxkl_first"]) < 1e-6
 
 
-def test_a_second_precision_in_one_process_is_a_clear_error(stand_in, tok, fresh_accelerator_state):
-    from marl_utils.errors import MarlInputError
-
-    PPOTrainer(config(mixed_precision="no"), make_model(stand_in), tok)
-    with pytest.raises(MarlInputError, match="one process uses one setting"):
-        PPOTrainer(config(mixed_precision="bf16"), make_model(stand_in), tok)
+def test_two_trainers_in_one_process_each_keep_their_precision(stand_in, tok, fresh_accelerator_state):
+    """Accelerate holds one precision per process; each trainer autocasts with its own (issue 19, item 5)."""
+    trainers = [PPOTrainer(config(mixed_precision=mixed, ppo_epochs=1), make_model(stand_in), tok)
+                for mixed in ("no", "bf16")]
+    queries, responses, scores = rollouts(tok)
+    for trainer, expected in zip(trainers, (False, True)):
+        seen = []
+        body = trainer.model.pretrained_model.get_base_model().model
+        hook = body.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        trainer.step(queries, responses, scores)
+        hook.remove()
+        assert seen and set(seen) == {expected}, trainer.mixed_precision
 
 
 def test_auto_precision_follows_the_hardware(stand_in, tok, fresh_accelerator_state, monkeypatch):
