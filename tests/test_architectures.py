@@ -199,3 +199,14 @@ def test_stage2_refuses_a_family_it_cannot_make_a_classifier_for():
 
     with pytest.raises(MarlInputError, match="'codegen' has no sequence classifier in transformers"):
         sequence_classifier_class(CodeGenConfig())
+
+
+def test_a_family_without_a_causal_lm_is_refused_by_name_before_loading(tmp_path):
+    """An encoder-decoder (T5) has no AutoModelForCausalLM class: a clear error naming it, from its config alone."""
+    from transformers import T5Config
+
+    from marl_utils.errors import MarlInputError
+
+    T5Config(d_model=32, num_layers=1, num_heads=2, d_kv=8, d_ff=32, vocab_size=VOCAB).save_pretrained(tmp_path)
+    with pytest.raises(MarlInputError, match="is a 't5' model, which transformers has no causal LM class for"):
+        AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path), peft_config=lora_config(FAMILIES[0]))
