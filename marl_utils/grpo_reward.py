@@ -81,6 +81,8 @@ class RewardAdapterReward:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise MarlInputError(f"batch_size={batch_size!r} must be a positive integer (rows per reward forward)")
         self.tokenizer, self.batch_size = tokenizer, batch_size
+        if self.model.reward_pad_token_id is None:  # as PPOTrainer: no tokenizer was saved with the adapter
+            self.model.reward_pad_token_id = tokenizer.pad_token_id
 
     @property
     def peft_model(self):

@@ -218,11 +218,12 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         "Last real token" is where the reward head was trained to be read: the last attended token; or, when
         the pad id the reward adapter was trained with is an EOS (TRL's RewardTrainer sets pad = EOS on
         tokenizers without a pad token), the last token that is not pad, as HF's *ForSequenceClassification
-        reads it (the token before a trailing EOS). That pad id is `reward_pad_token_id` (see there). Runs the reward adapter and its score head in eval mode without gradients.
-        Inputs may live on any device; the scores are on the model's device. Afterwards the policy adapter
-        `ppo_adapter_name` (default: the one active before) is active, and every `requires_grad` flag and
-        train/eval mode is as before, also if the forward raises. `per_token=True` returns the [B,T] scores
-        of every position instead (position t scores the prefix up to t; pad positions are junk).
+        reads it (the token before a trailing EOS); that pad id is `reward_pad_token_id`. Runs the reward
+        adapter and its score head in eval mode without gradients. Inputs may live on any device; the scores
+        are on the model's device. Afterwards the policy adapter `ppo_adapter_name` (default: the one active
+        before) is active, and every `requires_grad` flag and train/eval mode is as before, also if the
+        forward raises. `per_token=True` returns the [B,T] scores of every position instead (position t
+        scores the prefix up to t; pad positions are junk).
         """
         if self.reward_adapter_name is None:
             raise MarlInputError("this model has no reward adapter: pass reward_adapter=<stage-2 folder or hub id> to "
@@ -249,12 +250,9 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         return scores.gather(-1, self.reward_token_index(input_ids, attention_mask).unsqueeze(-1)).squeeze(-1)
 
     def reward_token_index(self, input_ids, attention_mask) -> torch.Tensor:
-        """[B] position whose hidden state the reward head reads (see `compute_reward_score`).
-
-        The pad id is the reward adapter's training pad: `reward_pad_token_id` (from the tokenizer saved with
-        the adapter, else the PPOTrainer's tokenizer), and only when that is unknown the base config's, which
-        on the Hub often has none (gpt2, Qwen2.5) although the reward trainer padded with EOS.
-        """
+        """[B] position whose hidden state the reward head reads (see `compute_reward_score`). The pad id is the
+        adapter's training pad, `reward_pad_token_id`; only when that is unknown the base config's, which on
+        the Hub often has none (gpt2, Qwen2.5) although the reward trainer padded with EOS."""
         pad = self.reward_pad_token_id if self.reward_pad_token_id is not None else self.config.pad_token_id
         if pad is not None and pad in eos_ids(self.config.eos_token_id) | eos_ids(self.reward_eos_token_ids):
             return last_non_pad_index(input_ids, pad)

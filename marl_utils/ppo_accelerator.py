@@ -40,11 +40,10 @@ def has_accelerator() -> bool:
 def build_accelerator(config):
     """An `accelerate.Accelerator` for `config` (a PPOConfig), or a clear error for what PPOTrainer cannot run."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
     cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator()
-    from accelerate.state import AcceleratorState
-
     mixed = resolve_mixed_precision(config.mixed_precision, use_cuda=torch.cuda.is_available() and not cpu_processes)
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, mixed):
@@ -57,9 +56,9 @@ def build_accelerator(config):
     except ValueError as err:
         if "already been initialized" not in str(err):
             raise
-        raise MarlInputError(f"another PPOTrainer (or Accelerator) in this process runs with other precision or "
-                             f"device settings ({err}); one process uses one setting: give this trainer the same "
-                             "PPOConfig.mixed_precision, or restart the kernel") from None
+        raise MarlInputError(f"another trainer (or Accelerator) in this process was set up for other devices ({err}); "
+                             "one process uses one device setting (precision may differ): build this trainer on the "
+                             "same devices, or restart the kernel") from None
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # model and optimizer are prepared apart (the model also serves generate, reference and reward), so
         # there is no DeepSpeed engine, and backward() would fail after the first rollout

@@ -107,3 +107,29 @@ def test_rollout_logprobs_are_the_models_own_and_step_0_kl_is_zero(bases, family
         stats = trainer.step(queries, responses, torch.tensor([1.0, -1.0, 0.5, 0.0]))
         assert stats["objective/kl"] == 0.0, (family, critic, fused, stats["objective/kl"])
         assert abs(stats["ppo/policy/approxkl_first"]) < 1e-6, (family, critic, fused, stats)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rollout_logprobs_are_those_generate_sampled_from(bases, family):
+    """generate's own logits (KV cache, one token at a time) against the fused rollout forward over the whole row.
+
+    (critic="adapter" runs the same rollout code; its training forward is pinned by approxkl_first above.)"""
+    tok = make_tokenizer()
+    queries, _ = queries_and_responses(tok)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(bases[family], peft_config=lora)
+    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=4), model, tok)
+    assert trainer.fuse_rollout
+    for query in queries:
+        with torch.no_grad():
+            out = model.generate(input_ids=query[None], attention_mask=torch.ones(1, len(query), dtype=torch.long),
+                                 do_sample=True, top_k=0, top_p=1.0, max_new_tokens=6, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+        response = out.sequences[0, len(query):]
+        sampled_from = torch.stack([torch.log_softmax(step[0].float(), -1)[token]
+                                    for step, token in zip(out.logits, response)])
+        rollout = trainer.rollout_forward(build_rollout_batch([query], [response], tok.pad_token_id))
+        torch.testing.assert_close(rollout.logprobs[0][rollout.mask[0].bool()], sampled_from[:len(response)],
+                                   atol=1e-4, rtol=0, msg=family)

@@ -70,7 +70,8 @@ def lora():
 def test_pad_id_comes_from_the_tokenizer_saved_with_the_adapter(hub_base, side):
     base, adapter, _, trainer_tokenizer = hub_base
     input_ids, attention_mask = rows_ending_with_eos(trainer_tokenizer, side)
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(str(base), peft_config=lora(), reward_adapter=str(adapter))
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(str(base), peft_config=lora(),
+                                                              reward_adapter=str(adapter))
     assert model.config.pad_token_id is None and model.reward_pad_token_id == trainer_tokenizer.eos_token_id
     ours = model.compute_reward_score(input_ids=input_ids, attention_mask=attention_mask)
     trained = as_trained(base, adapter, trainer_tokenizer.pad_token_id, input_ids, attention_mask)
@@ -81,7 +82,7 @@ def test_pad_id_comes_from_the_tokenizer_saved_with_the_adapter(hub_base, side):
 
 
 def test_without_a_saved_tokenizer_the_trainers_tokenizer_decides(hub_base):
-    base, _, bare, trainer_tokenizer = hub_base
+    base, _, bare, _ = hub_base
     model = AutoModelForCausalLMWithValueHead.from_pretrained(str(base), peft_config=lora(), reward_adapter=str(bare))
     assert model.reward_pad_token_id is None  # nothing on disk says how it was padded
     ppo_tokenizer = make_padless_tokenizer()
@@ -92,9 +93,25 @@ def test_without_a_saved_tokenizer_the_trainers_tokenizer_decides(hub_base):
     queries = [torch.tensor(ppo_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in TEXTS]
     responses = [torch.cat([q[-1:], eos]) for q in queries]  # each response ends with EOS
     scores = trainer.score(queries, responses)
-    input_ids, attention_mask = rows_ending_with_eos(trainer_tokenizer, "right")
     rows = [torch.cat([q, r]) for q, r in zip(queries, responses)]
     input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=ppo_tokenizer.eos_token_id)
     attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
     trained = as_trained(base, bare, ppo_tokenizer.pad_token_id, input_ids, attention_mask)
     torch.testing.assert_close(scores, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_grpo_reward_function_takes_the_pad_id_from_its_tokenizer_too(hub_base):
+    from marl_utils.grpo_reward import reward_adapter_reward
+
+    base, _, bare, _ = hub_base
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(str(base), peft_config=lora(), reward_adapter=str(bare))
+    tokenizer = make_padless_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    eos = tokenizer.eos_token_id
+    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    completion_ids = [p[-1:] + [eos] for p in prompt_ids]
+    scores = reward_adapter_reward(model, tokenizer).score_ids(prompt_ids, completion_ids)
+    rows = [torch.tensor(p + c) for p, c in zip(prompt_ids, completion_ids)]
+    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=eos)
+    attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+    torch.testing.assert_close(scores, as_trained(base, bare, eos, input_ids, attention_mask), atol=1e-5, rtol=1e-5)
