@@ -12,9 +12,10 @@ and skipping a softcap or a scale would change the logprobs by less than the tes
 
 `build_reward_adapter` writes what stage 2 writes (a peft SEQ_CLS LoRA adapter with its `score` head) and
 `plain_reward_model` loads it back the way plain transformers + peft would, the reference for our scores.
-Granite and Cohere have no `*ForSequenceClassification` class in transformers: for them both use a class
-made from transformers' own `GenericForSequenceClassification` (what every `*ForSequenceClassification` of
-a decoder-only model is built from), which is what a user training a reward adapter for them has to write.
+Granite, Cohere, Cohere2 and LFM2 have no `*ForSequenceClassification` class in transformers: for them both
+use a class made here from transformers' own `GenericForSequenceClassification` (what most
+`*ForSequenceClassification` classes of decoder-only models are built from), independently of the one stage 2
+makes (`marl_utils.sequence_classifier`), which the matrix compares with it.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def make_config(family: Family):
     ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id if family.config_pad else None)
     config = getattr(transformers, family.config_class)(vocab_size=VOCAB, **ids, **family.config)
-    if family.name.startswith("gemma2"):
+    if family.name == "gemma2":
         config._attn_implementation = "eager"  # sdpa cannot softcap attention; transformers says eager for Gemma-2
     return config
 
@@ -214,7 +215,7 @@ def load_sequence_classifier(family: Family, base_dir):
 
 
 def build_reward_adapter(family: Family, base_dir, out_dir, seed: int = 0, r: int = 4) -> Path:
-    """A stage-2-style reward adapter (peft SEQ_CLS LoRA on every linear layer + score head), random LoRA B."""
+    """A stage-2-style reward adapter (peft SEQ_CLS LoRA + score head), random LoRA B and head."""
     from peft import LoraConfig, get_peft_model
 
     classifier = load_sequence_classifier(family, base_dir)
@@ -239,11 +240,11 @@ def _targets(family: Family):
     return family.lora_targets if isinstance(family.lora_targets, str) else list(family.lora_targets)
 
 
-def lora_config(family: Family, task_type: str = "CAUSAL_LM", r: int = 4):
+def lora_config(family: Family, r: int = 4):
     """The LoRA config of the family's policy (and critic) adapter."""
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=2 * r, target_modules=_targets(family), task_type=task_type)
+    return LoraConfig(r=r, lora_alpha=2 * r, target_modules=_targets(family), task_type="CAUSAL_LM")
 
 
 def plain_reward_model(family: Family, base_dir, adapter_dir):
