@@ -20,8 +20,9 @@ import contextlib
 from torch import nn
 
 # Attention layers apply dropout functionally with a float read from the module (Llama, Mistral, Qwen2:
-# `self.attention_dropout`; some others: `self.dropout`); GPT-2 reads the p of an nn.Dropout module.
-FLOAT_DROPOUT_ATTRIBUTES = ("attention_dropout", "dropout", "attn_dropout_p")
+# `self.attention_dropout`; GPT-BigCode (StarCoder 1, SantaCoder): `self.attn_dropout`; some others:
+# `self.dropout`); GPT-2 reads the p of an nn.Dropout module.
+FLOAT_DROPOUT_ATTRIBUTES = ("attention_dropout", "dropout", "attn_dropout", "attn_dropout_p")
 
 
 @contextlib.contextmanager

@@ -78,6 +78,7 @@ def load_model(cls, pretrained_model_name_or_path, *, peft_config=None, reward_a
                 raise
             raise MarlInputError(f"{err}. This base is recorded in {Path(source) / MODEL_FILE}: edit "
                                  "base_model_name_or_path there if the base model moved") from err
+        check_causal_lm_family(base_config, base_name)
     policy_names = saved["policy_adapter_names"] if saved else (
         list(source.peft_config) if isinstance(source, PeftModel) else [policy_adapter_name])
     if saved is None and not isinstance(source, PeftModel):
@@ -152,6 +153,18 @@ def load_model(cls, pretrained_model_name_or_path, *, peft_config=None, reward_a
     check_critic_supported(model)
     return model.eval()
 
+
+
+def check_causal_lm_family(config, name) -> None:
+    """A base of a family transformers cannot load as a causal LM (T5, CLIP, ...) is refused by name, before
+    any weights load (tests/test_architectures.py lists the families PPO is checked on)."""
+    from transformers import AutoModelForCausalLM
+
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        family = getattr(config, "model_type", None) or type(config).__name__
+        raise MarlInputError(f"base model {name!r} is a {family!r} model, which transformers has no causal LM class "
+                             "for (AutoModelForCausalLM): PPO here trains a LoRA policy on a decoder-only causal LM "
+                             "(Llama, GPT-2, Qwen, Gemma, Mistral, ...); pass one of those")
 
 
 def _check_critic_choice(critic, critic_peft_config, critic_init, reward_adapter) -> None:

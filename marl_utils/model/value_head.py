@@ -14,9 +14,11 @@ from torch import nn
 
 
 def hidden_and_vocab_size(config) -> tuple[int, int]:
-    """(hidden size, vocabulary size) of a causal LM config: Llama says `hidden_size`, GPT-2 `n_embd`."""
+    """(width of the last hidden state, vocabulary size) of a causal LM config: what lm_head, the value head and
+    the reward model's score head read. Llama says `hidden_size`, GPT-2 `n_embd`; OPT-350m projects its hidden
+    states (1024) down to `word_embed_proj_dim` (512) before lm_head, and its score head reads those."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = next((getattr(text_config, name) for name in ("hidden_size", "n_embd", "d_model")
+    hidden = next((getattr(text_config, name) for name in ("word_embed_proj_dim", "hidden_size", "n_embd", "d_model")
                    if getattr(text_config, name, None) is not None), None)
     if hidden is None:
         raise ValueError(f"cannot find the hidden size in the config of {type(config).__name__}")

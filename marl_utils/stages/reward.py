@@ -217,10 +217,13 @@ def reward_config(profile: Profile, work_dir: str, seed: int = 0, *, epochs: flo
 def load_reward_model(sft_dir, tokenizer, adapter_dir=None):
     """The stage-1 model as a 1-output sequence classifier, with the reward adapter if given."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
+    from .sequence_classifier import sequence_classifier_class
+
+    classifier = sequence_classifier_class(AutoConfig.from_pretrained(sft_dir))  # Granite, Cohere have none in HF
     with quiet_trainer_setup():  # "score.weight newly initialized" is expected here
-        model = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1, dtype=torch.float32)
+        model = classifier.from_pretrained(sft_dir, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     if adapter_dir is not None:
         from peft import PeftModel
