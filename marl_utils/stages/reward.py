@@ -219,7 +219,7 @@ def load_reward_model(sft_dir, tokenizer, adapter_dir=None):
     import torch
     from transformers import AutoConfig
 
-    from .sequence_classifier import sequence_classifier_class
+    from ..model.sequence_classifier import sequence_classifier_class
 
     classifier = sequence_classifier_class(AutoConfig.from_pretrained(sft_dir))  # Granite, Cohere have none in HF
     with quiet_trainer_setup():  # "score.weight newly initialized" is expected here

@@ -11,7 +11,7 @@ adapter. `sequence_classifier_class` makes one the same way. The adapter it trai
 
 from __future__ import annotations
 
-from .errors import MarlInputError
+from ..infra.errors import MarlInputError
 
 _MADE: dict = {}  # config class -> the classifier class made for it (one class per family per process)
 

@@ -15,7 +15,7 @@ and skipping a softcap or a scale would change the logprobs by less than the tes
 Granite, Cohere, Cohere2 and LFM2 have no `*ForSequenceClassification` class in transformers: for them both
 use a class made here from transformers' own `GenericForSequenceClassification` (what most
 `*ForSequenceClassification` classes of decoder-only models are built from), independently of the one stage 2
-makes (`marl_utils.sequence_classifier`), which the matrix compares with it.
+makes (`marl_utils.model.sequence_classifier`), which the matrix compares with it.
 """
 
 from __future__ import annotations

@@ -27,11 +27,11 @@ from architectures import (FAMILIES, VOCAB, build_family, build_reward_adapter, 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead
-from marl_utils.ppo import PPOTrainer
-from marl_utils.ppo_config import PPOConfig
-from marl_utils.ppo_core import build_rollout_batch, left_pad
-from marl_utils.reward import load_reward_model
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
+from marl_utils.ppo.trainer import PPOTrainer
+from marl_utils.ppo.config import PPOConfig
+from marl_utils.ppo.maths import build_rollout_batch, left_pad
+from marl_utils.stages.reward import load_reward_model
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -194,8 +194,8 @@ def test_stage2_refuses_a_family_it_cannot_make_a_classifier_for():
     """CodeGen has no *ForSequenceClassification and keeps its body as `transformer`: refused, by name."""
     from transformers import CodeGenConfig
 
-    from marl_utils.errors import MarlInputError
-    from marl_utils.sequence_classifier import sequence_classifier_class
+    from marl_utils.infra.errors import MarlInputError
+    from marl_utils.model.sequence_classifier import sequence_classifier_class
 
     with pytest.raises(MarlInputError, match="'codegen' has no sequence classifier in transformers"):
         sequence_classifier_class(CodeGenConfig())
@@ -205,7 +205,7 @@ def test_a_family_without_a_causal_lm_is_refused_by_name_before_loading(tmp_path
     """An encoder-decoder (T5) has no AutoModelForCausalLM class: a clear error naming it, from its config alone."""
     from transformers import T5Config
 
-    from marl_utils.errors import MarlInputError
+    from marl_utils.infra.errors import MarlInputError
 
     T5Config(d_model=32, num_layers=1, num_heads=2, d_kv=8, d_ff=32, vocab_size=VOCAB).save_pretrained(tmp_path)
     with pytest.raises(MarlInputError, match="is a 't5' model, which transformers has no causal LM class for"):
