@@ -104,8 +104,18 @@ def adapter_rows(peft_model, names_for):
 
 
 def fixed_rows(names: list):
-    """`names_for` of a batch laid out once: the output layer sees the first rows only (see `causal_lm_rows`)."""
-    return lambda rows, is_output: names[:rows] if is_output else names
+    """`names_for` of a batch laid out once: the output layer sees the first rows only (see `causal_lm_rows`).
+
+    Some layers see the batch flattened to [B*T, H] (OPT's fc1/fc2): each sequence's T rows are contiguous
+    there, so its adapter name is repeated T times.
+    """
+    def names_for(rows: int, is_output: bool) -> list:
+        if is_output:
+            return names[:rows]
+        if rows != len(names) and rows % len(names) == 0:
+            return [name for name in names for _ in range(rows // len(names))]
+        return names
+    return names_for
 
 
 def causal_lm_rows(causal_lm, keep: int, logits_to_keep: int = 0, **inputs):

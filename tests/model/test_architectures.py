@@ -36,12 +36,6 @@ from marl_utils.stages.reward import load_reward_model
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
-# A failure in per-row adapter routing (adapter_rows.py, issue 19 item 3), another change's area: marked
-# strict, so the mark must go when the fix lands.
-OPT_FUSED = pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "OPT's decoder layer flattens hidden states to [B*T, H] before fc1/fc2 (modeling_opt.py), so peft's per-row "
-    "adapter names (one per row) do not fit them: 'Length of `adapter_names` should be the same as the number of "
-    "inputs, but got 4 and 32'; can_fuse does not see it (per_row_problem checks a [rows, 0] input)"))
 CRITICS = ["head", "adapter"]
 ROLLOUTS = {"fused": True, "separate": False}
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -112,8 +106,6 @@ def test_reward_adapter_scores_like_the_plain_classifier(family):
 @pytest.mark.parametrize("rollout", ROLLOUTS)
 @pytest.mark.parametrize("critic", CRITICS)
 def test_first_step_of_a_fresh_policy_has_zero_kl(family, critic, rollout, request):
-    if family.spec.name == "opt" and rollout == "fused":
-        request.applymarker(OPT_FUSED)
     model = load(family, critic)
     trainer = trainer_for(model, family, ROLLOUTS[rollout])
     queries, responses = rollouts(family)
@@ -124,8 +116,6 @@ def test_first_step_of_a_fresh_policy_has_zero_kl(family, critic, rollout, reque
 
 @pytest.mark.parametrize("critic", CRITICS)
 def test_fused_rollout_equals_the_separate_passes(family, critic, request):
-    if family.spec.name == "opt":
-        request.applymarker(OPT_FUSED)
     model = trained_looking(load(family, critic))
     trainer = trainer_for(model, family, None)
     batch = build_rollout_batch(*rollouts(family), family.tok.pad_token_id)
@@ -164,8 +154,6 @@ def sampled_with_logprobs(model, family, queries):
 def test_rollout_logprobs_are_those_generate_sampled_from(family, critic, request):
     """Whatever the causal LM does between its last hidden state and its logits (softcap, logit scale),
     PPO's old logprobs are the logprobs of the distribution `generate` sampled from, in both rollout paths."""
-    if family.spec.name == "opt":
-        request.applymarker(OPT_FUSED)
     model = trained_looking(load(family, critic)).eval()
     trainer = trainer_for(model, family, None)
     queries, _ = rollouts(family)
