@@ -39,12 +39,14 @@ def run_on_one_base(algo: str, profile, out, dataset=None, *, seed: int = 0, ste
     and after, and only the training in between timed and its peak memory taken. Stages 1-2 must exist in `out`.
     Returns the model and tokenizer (trained in place), `metrics` (json-ready, PPO's names) and the trainer.
     """
+    from .gold_reward import gold_metrics, gold_scorer_for
     from .pipeline import build_ppo_parts
 
     settings = check_stage3(profile, algo, steps) if algo != "ppo" else grpo_settings(profile, steps=steps)
     model, tokenizer, _, prompts, eval_prompts = build_ppo_parts(profile, out, dataset, seed, steps=settings.steps)
     evaluation = evaluator(profile, model, tokenizer, seed, steps)
-    before = evaluation.evaluate(eval_prompts)
+    gold = gold_scorer_for(dataset or profile.dataset)  # None unless the data is the offline corpus
+    before = evaluation.evaluate(eval_prompts, gold_reward=gold)
     if algo == "ppo":
         trainer = evaluation
         with measure_cost(model.device) as cost:
@@ -57,8 +59,9 @@ def run_on_one_base(algo: str, profile, out, dataset=None, *, seed: int = 0, ste
             with quiet_trl(), measure_cost(model.device) as cost:
                 trainer.train()
         history, per_step = round_history(trainer, settings), settings.rollouts_per_step
-    after = evaluation.evaluate(eval_prompts)
+    after = evaluation.evaluate(eval_prompts, gold_reward=gold)
     metrics = run_metrics(algo, before, after, cost, history, per_step, settings.max_new_tokens)
+    metrics.update(gold_metrics(before, after, dataset or profile.dataset))
     metrics.update(profile=profile.name, seed=seed,
                    settings=settings.to_dict() if algo != "ppo" else evaluation.config.to_dict())
     return {"model": model, "tokenizer": tokenizer, "trainer": trainer, "metrics": metrics}

@@ -130,6 +130,7 @@ def build_ppo_parts(profile: Profile, out: Path, dataset=None, seed: int = 0, qu
 def train_ppo(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0, force: bool = False,
               steps: int | None = None, resume: bool = False, progress: bool = True) -> PPOResult:
     """Run stage 3 into `OUT/ppo/` (building stages 1-2 first if they are missing)."""
+    from .gold_reward import gold_metrics, gold_scorer_for
     from .ppo import PPOTrainer
     from .run_cost import measure_cost
 
@@ -145,11 +146,12 @@ def train_ppo(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0,
     start = time.perf_counter()
     model, tokenizer, config, prompts, eval_prompts = build_ppo_parts(profile, out, dataset, seed, steps=steps)
     trainer = PPOTrainer(config, model=model, tokenizer=tokenizer)
-    before = trainer.evaluate(eval_prompts)
+    gold = gold_scorer_for(dataset or profile.dataset)  # the corpus grammar's true sentiment; None on other data
+    before = trainer.evaluate(eval_prompts, gold_reward=gold)
     with measure_cost(model.device) as cost:  # the training alone, as `marl grpo` measures its own
         trainer.train(prompts, eval_prompts=eval_prompts, output_dir=stage_dir(out, "ppo_checkpoints"),
                       resume=resume, progress=progress)
-    after = trainer.evaluate(eval_prompts)
+    after = trainer.evaluate(eval_prompts, gold_reward=gold)
     metrics = {
         "profile": profile.name,
         "algo": "ppo",
@@ -160,6 +162,7 @@ def train_ppo(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0,
         "max_new_tokens": config.max_new_tokens,
         "eval_reward_before": before["reward_mean"],
         "eval_reward_after": after["reward_mean"],
+        **gold_metrics(before, after, dataset or profile.dataset),
         "kl_final": after["kl_mean"],
         "response_tokens_mean": after["response_tokens_mean"],
         "distinct_2_before": before.get("distinct_2"),
@@ -175,12 +178,18 @@ def train_ppo(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0,
             tokenizer.save_pretrained(tmp)
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
         print(f"stage 3 (PPO) done in {metrics['seconds']:.0f}s: eval reward {metrics['eval_reward_before']:.2f} -> "
-              f"{metrics['eval_reward_after']:.2f}, KL {metrics['kl_final']:.2f} nats, "
+              f"{metrics['eval_reward_after']:.2f}{_gold_text(metrics)}, KL {metrics['kl_final']:.2f} nats, "
               f"{metrics['response_tokens_mean']:.1f} tokens/response -> {final}")
         if metrics["learning_note"]:
             print(f"NOTE: {metrics['learning_note']}")
     trainer.accelerator.wait_for_everyone()
     return PPOResult(final, metrics, trainer.history)
+
+
+def _gold_text(metrics: dict) -> str:
+    if metrics.get("eval_gold_after") is None:
+        return " (no gold reward for this data)"
+    return f" (gold {metrics['eval_gold_before']:.2f} -> {metrics['eval_gold_after']:.2f})"
 
 
 def ppo_learning_note(profile: Profile, metrics: dict, reward_metrics: dict) -> str | None:

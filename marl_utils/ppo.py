@@ -484,9 +484,10 @@ class PPOTrainer:
         check_token_lists(prompts, "prompts")
         return prompts
 
-    def evaluate(self, prompts, seed: int | None = None, num_samples: int = 8) -> dict:
-        """Sample once per held-out prompt with a fixed seed: mean reward, KL, length, diversity (ppo_eval.py)."""
-        return evaluate_policy(self, prompts, seed=seed, num_samples=num_samples)
+    def evaluate(self, prompts, seed: int | None = None, num_samples: int = 8, gold_reward=None) -> dict:
+        """Sample once per held-out prompt with a fixed seed: mean reward, KL, length, diversity (ppo_eval.py);
+        with `gold_reward` (texts -> scores) also `gold_mean`, the true sentiment of the texts."""
+        return evaluate_policy(self, prompts, seed=seed, num_samples=num_samples, gold_reward=gold_reward)
 
     def save_checkpoint(self, checkpoints_dir):
         """Write a checkpoint to checkpoints_dir/step-NNNNNN and point checkpoints_dir/latest at it."""

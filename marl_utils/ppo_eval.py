@@ -1,5 +1,8 @@
 """Held-out evaluation of a PPO policy: reward, KL to the reference, length, diversity, samples (notebook 03).
 
+`reward_mean` is the reward adapter's score, the quantity PPO optimised. With `gold_reward` (a function of
+decoded texts, e.g. `gold_reward.gold_scorer_for(profile.dataset)`, available for the offline corpus only),
+`gold_mean` is the true sentiment of the same prompt + response texts, which PPO never saw.
 The same prompts and the same sampling seed before and after training make the two numbers comparable; the
 trainer's own RNG streams are left untouched, so evaluating does not change the training run.
 """
@@ -20,8 +23,12 @@ def decode_text(tokenizer, ids) -> str:
 
 
 @torch.no_grad()
-def evaluate_policy(trainer, prompts, seed: int | None = None, num_samples: int = 8) -> dict:
-    """Sample once per prompt with `seed` (default config.seed); KL in nats per sequence (config.kl_estimator)."""
+def evaluate_policy(trainer, prompts, seed: int | None = None, num_samples: int = 8, gold_reward=None) -> dict:
+    """Sample once per prompt with `seed` (default config.seed); KL in nats per sequence (config.kl_estimator).
+
+    `gold_reward(texts) -> scores` adds `gold_mean` / `gold_std` (and a "gold" per sample), scored on the
+    decoded prompt + response, the text the reward adapter scores; without it those keys are absent.
+    """
     cfg = trainer.config
     prompts = trainer._training_prompts(prompts)
     with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
@@ -40,7 +47,11 @@ def evaluate_policy(trainer, prompts, seed: int | None = None, num_samples: int 
             kls.append(torch.where(mask.bool(), kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator), 0.0).sum(-1))
     lengths = torch.tensor([float(len(r)) for r in responses])
     eos = trainer.eos_token_id
-    return {
+    gold = None
+    if gold_reward is not None:
+        texts = [decode_text(trainer.tokenizer, torch.cat([p.to(r.device), r])) for p, r in zip(prompts, responses)]
+        gold = torch.tensor([float(g) for g in gold_reward(texts)])
+    result = {
         "reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
         "kl_mean": torch.cat(kls).mean().item(), "response_tokens_mean": lengths.mean().item(),
         "distinct_2": distinct_n(responses, 2),
@@ -48,3 +59,9 @@ def evaluate_policy(trainer, prompts, seed: int | None = None, num_samples: int 
         "samples": [{"prompt": decode_text(trainer.tokenizer, p), "response": decode_text(trainer.tokenizer, r),
                      "score": float(s)} for p, r, s in zip(prompts[:num_samples], responses, scores.tolist())],
     }
+    if gold is not None:
+        result["gold_mean"] = gold.mean().item()
+        result["gold_std"] = gold.std().item() if len(gold) > 1 else 0.0
+        for sample, g in zip(result["samples"], gold.tolist()):
+            sample["gold"] = g
+    return result
