@@ -107,10 +107,12 @@ class GoldRecorder:
         trainer.generate = recording_generate
 
     def texts(self, queries, responses) -> list[str]:
+        """prompt + response decoded together, as `evaluate` decodes them for its gold score"""
         import torch
 
-        return [self.trainer.tokenizer.decode(torch.cat([q.cpu(), r.cpu()]), skip_special_tokens=True)
-                for q, r in zip(queries, responses)]
+        from .ppo_eval import decode_text
+
+        return [decode_text(self.trainer.tokenizer, torch.cat([q.cpu(), r.cpu()])) for q, r in zip(queries, responses)]
 
     def __call__(self, trainer, entry) -> None:
         if self.last is None:
@@ -120,27 +122,15 @@ class GoldRecorder:
         self.last = None
 
 
-def evaluate_with_gold(trainer, prompts, gold_fn, num_samples: int = 8) -> dict:
-    """`trainer.evaluate` plus `gold_mean`: the gold score of the very texts the proxy scored (same seed)."""
-    result = trainer.evaluate(prompts, num_samples=len(prompts))
-    texts = [row["prompt"] + row["response"] for row in result["samples"]]
-    gold = gold_fn(texts)
-    for row, g in zip(result["samples"], gold):
-        row["gold"] = float(g)
-    result["gold_mean"] = float(sum(gold) / len(gold))
-    result["samples"] = result["samples"][:num_samples]
-    return result
-
-
 def run_layout(layout: str, sft_dir, reward_dir, lora_config, config, prompts, eval_prompts, gold_fn,
                *, steps_per_eval: int = 0, progress: bool = False) -> dict:
     """One PPO run of `layout`: a summary row (the METRICS and more) and its per-step curves."""
     start = time.perf_counter()
     trainer = build_trainer(layout, sft_dir, reward_dir, lora_config, config)
-    before = evaluate_with_gold(trainer, eval_prompts, gold_fn)
+    before = trainer.evaluate(eval_prompts, gold_reward=gold_fn)
     recorder = GoldRecorder(trainer, gold_fn)
     trainer.train(prompts, steps=config.steps, callback=recorder, progress=progress)
-    after = evaluate_with_gold(trainer, eval_prompts, gold_fn)
+    after = trainer.evaluate(eval_prompts, gold_reward=gold_fn)
     curves = {key: [float(row[key]) for row in trainer.history]
               for key in ("env/score_mean", "env/gold_mean", "objective/kl", "ppo/response_tokens_mean")}
     return {

@@ -167,6 +167,11 @@ class Profile:
     grpo_max_kl: float = 15.0
     """... and their final KL to the reference (nats per sequence) at most this."""
 
+    # Issue 21: does one base learn like separate models (scripts/parity.py), and over-optimisation (notebook 08)
+    parity_ppo_steps: int = 15
+    """PPO steps of each run of scripts/parity.py (6 layouts x 5 seeds). Fewer than `ppo_steps` so the sweep fits a
+    shared 2-core machine; the proxy and gold reward clearly rise within them (tiny: see the README table)."""
+
     lora_target_modules: tuple[str, ...] | None = None
     """None lets peft pick the usual attention projections for the architecture."""
     tiny_model: dict = field(default_factory=dict)
@@ -264,6 +269,7 @@ PROFILES: dict[str, Profile] = {
         rloo_beta=0.05,
         grpo_min_reward_gain=1.0,
         grpo_max_kl=15.0,
+        parity_ppo_steps=100,  # an estimate: half of notebook 03's run, 30 runs of it are ~1.5 days on a T4
     ),
 }
 

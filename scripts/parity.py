@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,9 +41,12 @@ def read_runs(path: Path) -> list[dict]:
 
 
 def append_run(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
+    """One line per run, in one write() on a file opened for appending: two sweeps (disjoint seeds) may share it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(row) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def write_report(rows: list[dict], results: Path, profile_name: str, header: str) -> str:
@@ -98,8 +102,6 @@ def main(argv=None) -> int:
     try:
         profile = resolve_profile(args.profile)
         layouts = check_layouts(args.layouts)
-        if BASELINE not in layouts:
-            raise MarlInputError(f"--layouts must include the baseline {BASELINE!r}: every row is compared with it")
         steps = args.steps or profile.parity_ppo_steps
         if steps < 1 or len(set(args.seeds)) < 2:
             raise MarlInputError(f"--steps {steps} --seeds {args.seeds}: need at least 1 step and 2 different seeds "
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
                   f"(proxy and gold gain: after minus before training; final KL in nats per sequence; distinct-2 "
                   f"after); Δ: layout minus {BASELINE}, Welch 95% interval")
         if args.report_only:
-            rows = read_runs(runs_path)
+            rows = [row for row in read_runs(runs_path) if row["steps"] == steps and row["seed"] in args.seeds]
             if not rows:
                 raise MarlInputError(f"{runs_path} holds no runs; run the sweep first (without --report-only)")
             print(write_report(rows, results, profile.name, header))
@@ -147,6 +149,9 @@ def main(argv=None) -> int:
                   f"{row['final KL']:.1f}, distinct-2 {row['distinct-2']:.2f}, {row['seconds']:.0f}s "
                   f"({time.perf_counter() - start:.0f}s in all)", flush=True)
     rows = [row for row in read_runs(runs_path) if row["steps"] == steps and row["seed"] in args.seeds]
+    if BASELINE not in {row["layout"] for row in rows}:
+        print(f"no run of the baseline {BASELINE!r} yet: no table (run it, then --report-only)")
+        return 0
     print(write_report(rows, results, profile.name, header))
     return 0
 

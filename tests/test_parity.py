@@ -111,8 +111,8 @@ def test_saved_runs_survive_a_cut_line_and_make_the_report(tmp_path):
 
 def test_the_script_refuses_bad_arguments_before_training(tmp_path, capsys):
     parity = script()
-    assert parity.main(["--profile", "tiny", "--layouts", "one base fp32", "--results-dir", str(tmp_path)]) == 2
-    assert "must include the baseline" in capsys.readouterr().err
+    assert parity.main(["--profile", "tiny", "--layouts", "one base 2-bit", "--results-dir", str(tmp_path)]) == 2
+    assert "unknown layout(s) ['one base 2-bit']" in capsys.readouterr().err
     assert parity.main(["--profile", "tiny", "--seeds", "3", "3", "--results-dir", str(tmp_path)]) == 2
     assert "2 different seeds" in capsys.readouterr().err
     assert parity.main(["--profile", "tiny", "--report-only", "--results-dir", str(tmp_path)]) == 2
