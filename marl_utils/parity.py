@@ -147,32 +147,42 @@ def run_layout(layout: str, sft_dir, reward_dir, lora_config, config, prompts, e
 
 
 # ---------------------------------------------------------------------------------------------- statistics
+def _student_t_log_density_constant(df: float) -> float:
+    return math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+
+def _student_t_density(t: float, df: float, log_c: float) -> float:
+    return math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+
+
 def _student_t_cdf(x: float, df: float) -> float:
     """P(T <= x) for Student's t with `df` degrees of freedom (Simpson's rule on the density; |x| < ~40)."""
     if x < 0:
         return 1.0 - _student_t_cdf(-x, df)
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    log_c = _student_t_log_density_constant(df)
     n = 400  # even; the density is smooth, so Simpson's rule is exact to ~1e-7 over the range used here
     h = x / n
-    total = 0.0
-    for i in range(n + 1):
-        weight = 1 if i in (0, n) else (4 if i % 2 else 2)
-        t = i * h
-        total += weight * math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+    total = sum((1 if i in (0, n) else (4 if i % 2 else 2)) * _student_t_density(i * h, df, log_c) for i in range(n + 1))
     return 0.5 + total * h / 3
 
 
 def student_t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t (bisection on the CDF): 2.776 for p=0.975, df=4."""
+    """The p-quantile of Student's t (Newton's method on the CDF, kept inside a bracket): 2.776 for p=0.975, df=4."""
     if not 0.5 <= p < 1 or df <= 0:
         raise MarlInputError(f"student_t_quantile(p={p}, df={df}): need 0.5 <= p < 1 and df > 0")
-    lo, hi = 0.0, 1.0
+    log_c = _student_t_log_density_constant(df)
+    lo, hi = 0.0, 2.0
     while _student_t_cdf(hi, df) < p:
-        hi *= 2
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _student_t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
+        lo, hi = hi, 2 * hi
+    x = (lo + hi) / 2
+    for _ in range(100):
+        error = _student_t_cdf(x, df) - p
+        lo, hi = (x, hi) if error < 0 else (lo, x)
+        step = error / _student_t_density(x, df, log_c)
+        x = x - step if lo < x - step < hi else (lo + hi) / 2  # a Newton step that leaves the bracket: bisect
+        if abs(step) < 1e-10 or hi - lo < 1e-10:
+            break
+    return x
 
 
 def welch_interval(a, b, level: float = 0.95) -> tuple[float, float, float]:
