@@ -65,12 +65,17 @@ class WatchedRun:
         return [math.sqrt(max(k, 0.0)) for k in self.kl]
 
 
-def train_watched(trainer, prompts, gold_fn, label: str, *, keep: int = 4, progress: bool = True) -> WatchedRun:
-    """Train `trainer` for its config's steps; record proxy (`env/score_mean`), gold and KL of every step."""
+def train_watched(trainer, prompts, gold_fn, label: str, *, keep: int = 4, progress: bool = True,
+                  callback=None) -> WatchedRun:
+    """Train `trainer` for its config's steps; record proxy (`env/score_mean`), gold and KL of every step.
+
+    The gold score joins each history entry as `env/gold_mean` before `callback(trainer, entry)` (e.g. a
+    `LiveCurves` board) sees it.
+    """
     recorder = GoldRecorder(trainer, gold_fn)
     run = WatchedRun(label)
 
-    def callback(trainer, entry):
+    def watch(trainer, entry):
         queries, responses = recorder.last
         texts = recorder.texts(queries[:keep], responses[:keep])
         recorder(trainer, entry)
@@ -78,8 +83,10 @@ def train_watched(trainer, prompts, gold_fn, label: str, *, keep: int = 4, progr
         run.gold.append(float(entry["env/gold_mean"]))
         run.kl.append(float(entry["objective/kl"]))
         run.rollouts.append([(q.cpu(), r.cpu(), g) for q, r, g in zip(queries, responses, gold_fn(texts))])
+        if callback is not None:
+            callback(trainer, entry)
 
-    trainer.train(prompts, callback=callback, progress=progress)
+    trainer.train(prompts, callback=watch, progress=progress)
     return run
 
 
