@@ -38,7 +38,8 @@ from .ppo_core import (AdaptiveKLController, FixedKLController, RunningMoments, 
                        compute_rewards, cut_after_eos, distinct_n, global_masked_moments, left_pad, masked_mean,
                        masked_whiten, policy_loss, value_loss)
 from .ppo_eval import evaluate_policy
-from .ppo_inputs import check_context, check_step_inputs, check_token_lists, check_trainer_inputs, generation_kwargs
+from .ppo_inputs import (check_context, check_reward_model, check_step_inputs, check_token_lists, check_trainer_inputs,
+                         generation_kwargs)
 from .ppo_optimizer import UpdateStepper
 from .rollout import can_fuse, fused_rollout, policy_forward, separate_rollout
 
@@ -48,7 +49,9 @@ class PPOTrainer:
 
     The trainer trains the policy adapter that is active when it is built (for a second policy on the same
     model, `set_policy_adapter` it and build a second trainer). `ref_model` (optional) replaces the disabled
-    base as the reference. `step()` returns, all floats (means over the batch of every process; token means
+    base as the reference; `reward_model` (optional, a one-output `*ForSequenceClassification`, e.g. the reward
+    LoRA merged into its base: separate_layout.py) replaces the reward adapter as the scorer. Both default to
+    the one base. `step()` returns, all floats (means over the batch of every process; token means
     over response tokens only):
       objective/kl, objective/kl_coef, objective/non_score_reward   KL to the reference in nats per sequence,
           beta, and -beta * KL; objective/entropy: policy entropy per response token
@@ -65,10 +68,11 @@ class PPOTrainer:
     """
 
     def __init__(self, config: PPOConfig, model, tokenizer, dataset=None, data_collator=None, optimizer=None,
-                 ref_model=None):
+                 ref_model=None, reward_model=None):
         from accelerate.utils import set_seed
 
         check_trainer_inputs(config, model, tokenizer)
+        check_reward_model(reward_model)
         self.config, self.tokenizer, self.ref_model = config, tokenizer, ref_model
         self.pad_token_id, self.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.accelerator = build_accelerator(config)  # processes, device, precision (ppo_accelerator.py)
@@ -93,6 +97,8 @@ class PPOTrainer:
         self.stepper = UpdateStepper(self.accelerator, optimizer, model.trainable_parameters, config.max_grad_norm)
         if ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self.reward_model = None if reward_model is None else \
+            self.accelerator.prepare_model(reward_model.requires_grad_(False), evaluation_mode=True)
         self.fuse_rollout = self._choose_fused_rollout()
         self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target_kl, config.horizon)
                        if config.adap_kl_ctrl else FixedKLController(config.init_kl_coef))
@@ -177,10 +183,18 @@ class PPOTrainer:
                 end = start + self.forward_rows
                 batch = build_rollout_batch(queries[start:end], responses[start:end], self.pad_token_id,
                                             device=self.device)
-                scores.append(self.model.compute_reward_score(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"], ppo_adapter_name=self.policy_adapter_name))
+                scores.append(self._reward_scores(batch["input_ids"], batch["attention_mask"], batch["position_ids"]))
         return torch.cat(scores).float()
+
+    def _reward_scores(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        """[b] scores of token rows: the reward adapter on the one base, or the separate `reward_model`."""
+        if self.reward_model is None:
+            return self.model.compute_reward_score(input_ids=input_ids, attention_mask=attention_mask,
+                                                   position_ids=position_ids, ppo_adapter_name=self.policy_adapter_name)
+        with eval_mode(self.reward_model):  # HF's classifier pools at the last non-pad token itself
+            out = self.reward_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False)
+        return out.logits[:, 0].float()
 
     def rollout_forward(self, batch: dict, with_reward: bool = False):
         """Step 1 of `step`: old logprobs, values and reference logprobs at the response positions ([B,R]).
@@ -191,11 +205,13 @@ class PPOTrainer:
         with torch.no_grad(), self.accelerator.autocast():
             if self.fuse_rollout:
                 with eval_mode(self.model):  # peft runs per-row adapters in eval mode only; dropout is off there
-                    return fused_rollout(self.model, batch, chunk, self.config.temperature, with_reward)
-            with train_mode_without_dropout(self.model):  # the mode of the training forward (see forward_modes)
-                rollout = separate_rollout(self.model, self.policy, batch, chunk, self.config.temperature,
-                                           self.ref_model)
-        if with_reward:
+                    rollout = fused_rollout(self.model, batch, chunk, self.config.temperature,
+                                            with_reward and self.reward_model is None)
+            else:
+                with train_mode_without_dropout(self.model):  # the mode of the training forward (forward_modes)
+                    rollout = separate_rollout(self.model, self.policy, batch, chunk, self.config.temperature,
+                                               self.ref_model)
+        if with_reward and rollout.scores is None:
             rollout.scores = self.score_batch(batch)
         return rollout
 
@@ -206,9 +222,8 @@ class PPOTrainer:
         with self.accelerator.autocast():
             rows_all = torch.arange(batch["input_ids"].shape[0], device=self.device)
             for rows in rows_all.split(self.forward_rows):
-                scores.append(self.model.compute_reward_score(
-                    input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
-                    position_ids=batch["position_ids"][rows], ppo_adapter_name=self.policy_adapter_name))
+                scores.append(self._reward_scores(batch["input_ids"][rows], batch["attention_mask"][rows],
+                                                  batch["position_ids"][rows]))
         return torch.cat(scores).float()
 
     # ------------------------------------------------------------------------------------------ PPO step

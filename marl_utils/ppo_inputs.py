@@ -35,6 +35,21 @@ def check_trainer_inputs(config, model, tokenizer) -> None:
                                  f"{method}); got {type(model).__name__}")
 
 
+def check_reward_model(reward_model) -> None:
+    """A separate reward model must give one score per row and know its pad id (where it pools), or None."""
+    if reward_model is None:
+        return
+    config = getattr(reward_model, "config", None)
+    if config is None or getattr(config, "num_labels", None) != 1:
+        raise MarlInputError(f"reward_model must be a sequence classifier with one output (num_labels=1), got "
+                             f"{type(reward_model).__name__} with num_labels={getattr(config, 'num_labels', None)}; "
+                             "load it with AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)")
+    if getattr(config, "pad_token_id", None) is None:
+        raise MarlInputError("reward_model.config.pad_token_id is None: the classifier reads its score at the last "
+                             "non-pad token and cannot find it; set reward_model.config.pad_token_id = "
+                             "tokenizer.pad_token_id")
+
+
 def generation_kwargs(config, gen_kwargs: dict, pad_token_id: int, eos_token_id: int) -> dict:
     """Plain sampling at the config's temperature, with the caller's overrides (warned about when biased)."""
     biased = {k: v for k, v in gen_kwargs.items() if k in BIASED_SAMPLING and v not in BIASED_SAMPLING[k]}
