@@ -76,9 +76,9 @@ def build_trainer(layout: str, sft_dir, reward_dir, lora_config, config):
     tokenizer.padding_side = "left"
     torch.manual_seed(config.seed)
     if spec.get("separate"):
-        from .separate_layout import separate_ppo_trainer
+        from .separate_layout import build_separate_trainer
 
-        return separate_ppo_trainer(config, sft_dir, reward_dir, lora_config, tokenizer)
+        return build_separate_trainer(config, sft_dir, reward_dir, tokenizer, lora_config, seed=config.seed)
     kwargs = {"critic": spec["critic"]} if "critic" in spec else {}
     quantization = _quantization_config(spec.get("quantization"))
     if quantization is not None:
@@ -134,7 +134,7 @@ def run_layout(layout: str, sft_dir, reward_dir, lora_config, config, prompts, e
     curves = {key: [float(row[key]) for row in trainer.history]
               for key in ("env/score_mean", "env/gold_mean", "objective/kl", "ppo/response_tokens_mean")}
     return {
-        "layout": layout, "seed": config.seed, "steps": config.steps,
+        "layout": layout, "seed": config.seed, "steps": config.steps, "batch": config.batch_size,
         "proxy before": before["reward_mean"], "proxy after": after["reward_mean"],
         "proxy gain": after["reward_mean"] - before["reward_mean"],
         "gold before": before["gold_mean"], "gold after": after["gold_mean"],

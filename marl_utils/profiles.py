@@ -168,9 +168,17 @@ class Profile:
     """... and their final KL to the reference (nats per sequence) at most this."""
 
     # Issue 21: does one base learn like separate models (scripts/parity.py), and over-optimisation (notebook 08)
-    parity_ppo_steps: int = 15
-    """PPO steps of each run of scripts/parity.py (6 layouts x 5 seeds). Fewer than `ppo_steps` so the sweep fits a
-    shared 2-core machine; the proxy and gold reward clearly rise within them (tiny: see the README table)."""
+    parity_ppo_steps: int = 12
+    """PPO steps of each run of scripts/parity.py (6 layouts x 5 seeds = 30 runs). With the three fields below, a
+    run is ~1/5 of `ppo_steps` x `ppo_batch_size`, so the sweep fits a shared 2-core machine; proxy and gold
+    reward still clearly rise (tiny: see the README table)."""
+    parity_batch_size: int = 32
+    """Rollouts per PPO step in scripts/parity.py (every layout the same)."""
+    parity_mini_batch_size: int = 8
+    """Minibatch of scripts/parity.py: 4 minibatches x `ppo_epochs` Adam steps per PPO step, as many as the
+    profile's own PPO takes (64 / 16), on half the rollouts."""
+    parity_eval_prompts: int = 64
+    """Held-out prompts of each run's evaluation before and after (proxy, gold, KL, distinct-2)."""
 
     lora_target_modules: tuple[str, ...] | None = None
     """None lets peft pick the usual attention projections for the architecture."""
@@ -269,7 +277,11 @@ PROFILES: dict[str, Profile] = {
         rloo_beta=0.05,
         grpo_min_reward_gain=1.0,
         grpo_max_kl=15.0,
-        parity_ppo_steps=100,  # an estimate: half of notebook 03's run, 30 runs of it are ~1.5 days on a T4
+        # an estimate: 100 steps of the profile's own batch, 30 runs of half notebook 03's run (~1.5 days on a T4)
+        parity_ppo_steps=100,
+        parity_batch_size=128,
+        parity_mini_batch_size=32,
+        parity_eval_prompts=128,
     ),
 }
 

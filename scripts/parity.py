@@ -21,8 +21,10 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,7 +59,7 @@ def write_report(rows: list[dict], results: Path, profile_name: str, header: str
     table = compare(rows)
     text = header + "\n\n" + format_table(table) + "\n"
     atomic_write_text(results / f"{stem}_table.md", text)
-    columns = ["layout", "seed", "steps", "proxy before", "proxy after", "proxy gain", "gold before", "gold after",
+    columns = ["layout", "seed", "steps", "batch", "proxy before", "proxy after", "proxy gain", "gold before", "gold after",
                "gold gain", "final KL", "distinct-2", "response tokens", "seconds"]
     tmp = results / f".{stem}_runs.csv.tmp"
     with tmp.open("w", newline="") as f:
@@ -94,6 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=None, help="PPO steps per run (default: parity_ppo_steps)")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), help=f"default: all of {list(LAYOUTS)}")
+    parser.add_argument("--shard", default="1/1", help="K/N: run only every N-th run, from the K-th (parallel sweeps)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild table, CSV and figure")
     parser.add_argument("--fresh", action="store_true", help="forget the runs saved before (else they are skipped)")
     args = parser.parse_args(argv)
@@ -103,17 +106,22 @@ def main(argv=None) -> int:
         profile = resolve_profile(args.profile)
         layouts = check_layouts(args.layouts)
         steps = args.steps or profile.parity_ppo_steps
+        shard, shards = (int(x) for x in args.shard.split("/")) if re.fullmatch(r"\d+/\d+", args.shard) else (0, 0)
+        if not 1 <= shard <= shards:
+            raise MarlInputError(f"--shard {args.shard}: use K/N with 1 <= K <= N, e.g. 1/2 and 2/2 for two sweeps")
         if steps < 1 or len(set(args.seeds)) < 2:
             raise MarlInputError(f"--steps {steps} --seeds {args.seeds}: need at least 1 step and 2 different seeds "
                                  "(the interval needs a spread)")
         results = Path(args.results_dir)
         results.mkdir(parents=True, exist_ok=True)
         runs_path = results / f"parity_{profile.name}_runs.jsonl"
-        header = (f"profile {profile.name}, {steps} PPO steps per run, seeds {args.seeds}; held-out prompts "
+        header = (f"profile {profile.name}, {steps} PPO steps of {profile.parity_batch_size} rollouts (minibatch "
+                  f"{profile.parity_mini_batch_size}) per run, seeds {args.seeds}; {profile.parity_eval_prompts} held-out prompts "
                   f"(proxy and gold gain: after minus before training; final KL in nats per sequence; distinct-2 "
                   f"after); Δ: layout minus {BASELINE}, Welch 95% interval")
         if args.report_only:
-            rows = [row for row in read_runs(runs_path) if row["steps"] == steps and row["seed"] in args.seeds]
+            rows = [row for row in read_runs(runs_path) if row["steps"] == steps
+                    and row["batch"] == profile.parity_batch_size and row["seed"] in args.seeds]
             if not rows:
                 raise MarlInputError(f"{runs_path} holds no runs; run the sweep first (without --report-only)")
             print(write_report(rows, results, profile.name, header))
@@ -130,25 +138,29 @@ def main(argv=None) -> int:
         lo, hi = profile.ppo_prompt_tokens
         prompts = load_prompts(data["train"]["text"], tokenizer, min_tokens=lo, max_tokens=hi, n=2000, seed=0)
         eval_prompts = load_prompts(data["test"]["text"], tokenizer, min_tokens=lo, max_tokens=hi,
-                                    n=profile.ppo_eval_prompts, seed=1)
+                                    n=profile.parity_eval_prompts, seed=1)
     except MarlInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    done = {(row["layout"], row["seed"], row["steps"]) for row in read_runs(runs_path)}
+    batch = profile.parity_batch_size
+    done = {(row["layout"], row["seed"], row["steps"], row["batch"]) for row in read_runs(runs_path)}
     start = time.perf_counter()
-    for seed in args.seeds:
-        for layout in layouts:
-            if (layout, seed, steps) in done:
-                print(f"seed {seed} {layout}: saved before, skipped")
-                continue
-            row = run_layout(layout, sft_dir, reward_dir, policy_lora_config(profile),
-                             ppo_config(profile, seed=seed, steps=steps), prompts, eval_prompts, gold_scores)
-            append_run(runs_path, row)
-            print(f"seed {seed} {layout:>20}: proxy {row['proxy gain']:+.2f}, gold {row['gold gain']:+.2f}, KL "
-                  f"{row['final KL']:.1f}, distinct-2 {row['distinct-2']:.2f}, {row['seconds']:.0f}s "
-                  f"({time.perf_counter() - start:.0f}s in all)", flush=True)
-    rows = [row for row in read_runs(runs_path) if row["steps"] == steps and row["seed"] in args.seeds]
+    todo = [(seed, layout) for seed in args.seeds for layout in layouts]  # seed by seed: a cut sweep stays balanced
+    for seed, layout in todo[shard - 1::shards]:
+        if (layout, seed, steps, batch) in done:
+            print(f"seed {seed} {layout}: saved before, skipped")
+            continue
+        config = replace(ppo_config(profile, seed=seed, steps=steps), batch_size=batch,
+                         mini_batch_size=profile.parity_mini_batch_size)
+        row = run_layout(layout, sft_dir, reward_dir, policy_lora_config(profile), config, prompts, eval_prompts,
+                         gold_scores)
+        append_run(runs_path, row)
+        print(f"seed {seed} {layout:>20}: proxy {row['proxy gain']:+.2f}, gold {row['gold gain']:+.2f}, KL "
+              f"{row['final KL']:.1f}, distinct-2 {row['distinct-2']:.2f}, {row['seconds']:.0f}s "
+              f"({time.perf_counter() - start:.0f}s in all)", flush=True)
+    rows = [row for row in read_runs(runs_path)
+            if row["steps"] == steps and row["batch"] == batch and row["seed"] in args.seeds]
     if BASELINE not in {row["layout"] for row in rows}:
         print(f"no run of the baseline {BASELINE!r} yet: no table (run it, then --report-only)")
         return 0

@@ -95,7 +95,7 @@ def test_saved_runs_survive_a_cut_line_and_make_the_report(tmp_path):
     runs = tmp_path / "parity_tiny_runs.jsonl"
     rows = rows_of(BASELINE, {"proxy gain": 2.0}, seeds=3) + rows_of("one base 8-bit", {"proxy gain": 2.0}, seeds=3)
     for row in rows:
-        row.update({"steps": 4, "proxy before": 0.0, "proxy after": 2.0, "gold before": 0.0, "gold after": 1.0,
+        row.update({"steps": 4, "batch": 8, "proxy before": 0.0, "proxy after": 2.0, "gold before": 0.0, "gold after": 1.0,
                     "response tokens": 20.0, "seconds": 1.0,
                     "curves": {k: [0.1 * i for i in range(4)] for k in ("env/score_mean", "env/gold_mean", "objective/kl")}})
         parity.append_run(runs, row)
@@ -106,7 +106,7 @@ def test_saved_runs_survive_a_cut_line_and_make_the_report(tmp_path):
     assert text.startswith("header line") and "| one base 8-bit | 3 |" in text
     assert (tmp_path / "parity_tiny.png").stat().st_size > 10_000
     csv_lines = (tmp_path / "parity_tiny_runs.csv").read_text().splitlines()
-    assert len(csv_lines) == 7 and csv_lines[0].startswith("layout,seed,steps,proxy before")
+    assert len(csv_lines) == 7 and csv_lines[0].startswith("layout,seed,steps,batch,proxy before")
 
 
 def test_the_script_refuses_bad_arguments_before_training(tmp_path, capsys):
