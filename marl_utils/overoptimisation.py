@@ -41,12 +41,14 @@ def weak_reward_adapter(profile, out, pairs: int, *, progress: bool = False) -> 
 
 
 def leash_config(profile, kl_coef: float, steps: int, seed: int = 0):
-    """The profile's PPOConfig with the KL coefficient fixed at `kl_coef` (no adaptive controller) for `steps` steps."""
+    """The profile's PPOConfig with the KL coefficient fixed at `kl_coef` (no adaptive controller), `steps` steps
+    of `overopt_batch_size` rollouts in minibatches of `overopt_mini_batch_size`."""
     from .pipeline import ppo_config
 
     if kl_coef < 0:
         raise MarlInputError(f"kl_coef={kl_coef}: the KL penalty's weight must be >= 0 (0: no leash)")
-    return replace(ppo_config(profile, seed=seed, steps=steps), init_kl_coef=kl_coef, adap_kl_ctrl=False)
+    return replace(ppo_config(profile, seed=seed, steps=steps), init_kl_coef=kl_coef, adap_kl_ctrl=False,
+                   batch_size=profile.overopt_batch_size, mini_batch_size=profile.overopt_mini_batch_size)
 
 
 @dataclass

@@ -180,6 +180,29 @@ class Profile:
     parity_eval_prompts: int = 64
     """Held-out prompts of each run's evaluation before and after (proxy, gold, KL, distinct-2)."""
 
+    # Notebook 08: over-optimisation. A reward adapter trained on few pairs is the proxy; PPO chases it on a loose
+    # KL leash and on a tight one, watched by the gold reward (the corpus grammar's sentiment, tiny only).
+    overopt_reward_pairs: int = 50
+    """Preference pairs (plus their prefix pairs) the weak reward adapter of notebook 08 trains on."""
+    overopt_ppo_steps: int = 40
+    """PPO steps of each of notebook 08's two runs."""
+    overopt_batch_size: int = 32
+    """Rollouts per PPO step in notebook 08 (half the profile's batch: twice the steps in the same time)."""
+    overopt_mini_batch_size: int = 8
+    """Minibatch of notebook 08: as many Adam steps per PPO step as the profile's own PPO takes."""
+    overopt_loose_kl_coef: float = 0.0
+    """The loose leash: fixed KL coefficient (beta) of the run that over-optimises."""
+    overopt_leash_kl_coef: float = 0.3
+    """The tight leash: fixed KL coefficient of the second run."""
+    overopt_window: int = 7
+    """Steps of the centred mean drawn and used to find the gold peak (a step's mean of 32 rollouts is noisy)."""
+    overopt_min_proxy_gain: float = 1.0
+    """Bar of notebook 08: on the loose leash the (smoothed) proxy ends at least this far above where it started, ..."""
+    overopt_min_gold_drop: float = 0.5
+    """... and the gold reward ends at least this far below its peak; ..."""
+    overopt_max_leash_gold_drop: float = 0.5
+    """... on the tight leash the gold reward ends at most this far below its peak."""
+
     lora_target_modules: tuple[str, ...] | None = None
     """None lets peft pick the usual attention projections for the architecture."""
     tiny_model: dict = field(default_factory=dict)
@@ -282,6 +305,9 @@ PROFILES: dict[str, Profile] = {
         parity_batch_size=128,
         parity_mini_batch_size=32,
         parity_eval_prompts=128,
+        # Notebook 08 needs the gold reward, which only the offline corpus has (on real IMDB nothing knows the true
+        # sentiment): with this profile the notebook stops after its configuration cell, so the overopt_* fields
+        # keep the tiny values.
     ),
 }
 

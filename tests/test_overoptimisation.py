@@ -26,7 +26,8 @@ def test_the_leash_is_a_fixed_kl_coefficient_on_the_profiles_ppo():
     profile = PROFILES["tiny"]
     config = leash_config(profile, 0.02, steps=7, seed=3)
     assert (config.init_kl_coef, config.adap_kl_ctrl, config.steps, config.seed) == (0.02, False, 7, 3)
-    assert (config.batch_size, config.learning_rate) == (profile.ppo_batch_size, profile.ppo_learning_rate)
+    assert (config.batch_size, config.mini_batch_size) == (profile.overopt_batch_size, profile.overopt_mini_batch_size)
+    assert (config.learning_rate, config.ppo_epochs) == (profile.ppo_learning_rate, profile.ppo_epochs)
     with pytest.raises(MarlInputError, match="must be >= 0"):
         leash_config(profile, -0.1, steps=7)
 
