@@ -30,15 +30,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def run_key(row: dict) -> tuple:
+    return row["layout"], row["seed"], row["steps"], row.get("batch")
+
+
 def read_runs(path: Path) -> list[dict]:
-    """The runs saved so far (a line cut by a killed sweep is skipped)."""
-    rows = []
+    """The runs saved so far: a line cut by a killed sweep is skipped, and of a run saved twice (two sweeps that
+    overlapped) the first."""
+    rows, seen = [], set()
     if path.exists():
         for line in path.read_text().splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
                 continue
+            if run_key(row) not in seen:
+                seen.add(run_key(row))
+                rows.append(row)
     return rows
 
 
@@ -144,11 +152,10 @@ def main(argv=None) -> int:
         return 2
 
     batch = profile.parity_batch_size
-    done = {(row["layout"], row["seed"], row["steps"], row["batch"]) for row in read_runs(runs_path)}
     start = time.perf_counter()
     todo = [(seed, layout) for seed in args.seeds for layout in layouts]  # seed by seed: a cut sweep stays balanced
     for seed, layout in todo[shard - 1::shards]:
-        if (layout, seed, steps, batch) in done:
+        if (layout, seed, steps, batch) in {run_key(row) for row in read_runs(runs_path)}:  # another sweep's too
             print(f"seed {seed} {layout}: saved before, skipped")
             continue
         config = replace(ppo_config(profile, seed=seed, steps=steps), batch_size=batch,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig
+from transformers import AutoTokenizer
 from stand_ins import LORA_TARGETS, make_reward_adapter, make_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,6 +100,7 @@ def test_saved_runs_survive_a_cut_line_and_make_the_report(tmp_path):
                     "response tokens": 20.0, "seconds": 1.0,
                     "curves": {k: [0.1 * i for i in range(4)] for k in ("env/score_mean", "env/gold_mean", "objective/kl")}})
         parity.append_run(runs, row)
+    parity.append_run(runs, {**rows[0], "proxy gain": 99.0})  # the same run again, from an overlapping sweep
     with runs.open("a") as f:
         f.write('{"layout": "one base fp32", "se')  # a sweep killed mid-write
     assert parity.read_runs(runs) == json.loads("[" + ",".join(json.dumps(r) for r in rows) + "]")
@@ -142,6 +144,10 @@ def test_one_run_records_gold_of_the_very_rollouts_the_proxy_scored(paths):
     row = run_layout("one base fp32", base, rm, lora, config, prompts, prompts[:3], gold_fn)
     # before, 2 training steps, after: 4 calls; the training ones are 4 rollouts each, the evaluations 3
     assert [len(call) for call in seen] == [3, 4, 4, 3]
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    starts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    for text in seen[1] + seen[2]:  # gold scores the prompt + response, the text the proxy scores
+        assert any(text.startswith(start) for start in starts), text
     assert row["curves"]["env/gold_mean"] == [sum(map(len, call)) / 4 for call in seen[1:3]]
     assert row["gold before"] == pytest.approx(sum(map(len, seen[0])) / 3)
     assert row["gold gain"] == pytest.approx(row["gold after"] - row["gold before"])
