@@ -167,6 +167,42 @@ class Profile:
     grpo_max_kl: float = 15.0
     """... and their final KL to the reference (nats per sequence) at most this."""
 
+    # Issue 21: does one base learn like separate models (scripts/parity.py), and over-optimisation (notebook 08)
+    parity_ppo_steps: int = 12
+    """PPO steps of each run of scripts/parity.py (6 layouts x 5 seeds = 30 runs). With the three fields below, a
+    run is ~1/5 of `ppo_steps` x `ppo_batch_size`, so the sweep fits a shared 2-core machine; proxy and gold
+    reward still clearly rise (tiny: see the README table)."""
+    parity_batch_size: int = 32
+    """Rollouts per PPO step in scripts/parity.py (every layout the same)."""
+    parity_mini_batch_size: int = 8
+    """Minibatch of scripts/parity.py: 4 minibatches x `ppo_epochs` Adam steps per PPO step, as many as the
+    profile's own PPO takes (64 / 16), on half the rollouts."""
+    parity_eval_prompts: int = 64
+    """Held-out prompts of each run's evaluation before and after (proxy, gold, KL, distinct-2)."""
+
+    # Notebook 08: over-optimisation. A reward adapter trained on few pairs is the proxy; PPO chases it on a loose
+    # KL leash and on a tight one, watched by the gold reward (the corpus grammar's sentiment, tiny only).
+    overopt_reward_pairs: int = 50
+    """Preference pairs (plus their prefix pairs) the weak reward adapter of notebook 08 trains on."""
+    overopt_ppo_steps: int = 40
+    """PPO steps of each of notebook 08's two runs."""
+    overopt_batch_size: int = 32
+    """Rollouts per PPO step in notebook 08 (half the profile's batch: twice the steps in the same time)."""
+    overopt_mini_batch_size: int = 8
+    """Minibatch of notebook 08: as many Adam steps per PPO step as the profile's own PPO takes."""
+    overopt_loose_kl_coef: float = 0.0
+    """The loose leash: fixed KL coefficient (beta) of the run that over-optimises."""
+    overopt_leash_kl_coef: float = 0.1
+    """The leash: fixed KL coefficient of the second run (tiny, seed 0: it slowed the drift, sqrt(KL) 6.1 instead of
+    8.2 after 40 steps, and still passed its gold peak; 0.3 held KL near 13 nats and nothing rose)."""
+    overopt_window: int = 7
+    """Steps of the centred mean drawn and used to find the gold peak (a step's mean of 32 rollouts is noisy)."""
+    overopt_min_proxy_gain: float = 1.0
+    """Bar of notebook 08: on the loose leash the (smoothed) proxy ends at least this far above where it started, ..."""
+    overopt_min_gold_drop: float = 0.25
+    """... while the (smoothed) gold reward ends at least this far below its own peak (tiny, seed 0: proxy +0.06 ->
+    +2.11, gold -0.16 -> peak +0.62 at step 18 -> +0.10; the bars leave room for another CPU's rounding)."""
+
     lora_target_modules: tuple[str, ...] | None = None
     """None lets peft pick the usual attention projections for the architecture."""
     tiny_model: dict = field(default_factory=dict)
@@ -264,6 +300,14 @@ PROFILES: dict[str, Profile] = {
         rloo_beta=0.05,
         grpo_min_reward_gain=1.0,
         grpo_max_kl=15.0,
+        # an estimate: 100 steps of the profile's own batch, 30 runs of half notebook 03's run (~1.5 days on a T4)
+        parity_ppo_steps=100,
+        parity_batch_size=128,
+        parity_mini_batch_size=32,
+        parity_eval_prompts=128,
+        # Notebook 08 needs the gold reward, which only the offline corpus has (on real IMDB nothing knows the true
+        # sentiment): with this profile the notebook stops after its configuration cell, so the overopt_* fields
+        # keep the tiny values.
     ),
 }
 
