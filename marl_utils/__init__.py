@@ -14,7 +14,8 @@ layers only, and tests/infra/test_layout.py fails on an upward import or a cycle
     grpo     TRL's GRPO/RLOO trainers scored by the reward adapter                     (notebook 07)
     display  plots, live curves, diagrams, reports for the notebooks
     stages   SFT (1), reward adapter (2), PPO/GRPO (3), the pipeline (`marl run`)
-    bench    `marl bench`: time against a compute floor, memory (of PPO layouts and of SFT), parity runs
+    bench    `marl bench`: time against a compute floor, memory (of PPO layouts and of SFT), separate models
+    studies  does one base converge like separate models (parity over seeds); over-optimisation (notebook 08)
     cli.py and this file sit on top.
 """
 

@@ -60,8 +60,8 @@ def append_run(path: Path, row: dict) -> None:
 
 
 def write_report(rows: list[dict], results: Path, profile_name: str, header: str) -> str:
-    from marl_utils.atomic import atomic_write_text
-    from marl_utils.parity import METRICS, compare, format_table, plot_parity
+    from marl_utils.infra.atomic import atomic_write_text
+    from marl_utils.studies.parity import METRICS, compare, format_table, plot_parity
 
     stem = f"parity_{profile_name}"
     table = compare(rows)
@@ -87,14 +87,14 @@ def write_report(rows: list[dict], results: Path, profile_name: str, header: str
 def main(argv=None) -> int:
     import torch
 
-    from marl_utils.data import load_imdb
-    from marl_utils.errors import MarlInputError
+    from marl_utils.data.loading import load_imdb
+    from marl_utils.infra.errors import MarlInputError
     from marl_utils.gold_reward import gold_scores
-    from marl_utils.parity import BASELINE, LAYOUTS, check_layouts, run_layout
-    from marl_utils.pipeline import ensure_earlier_stages, policy_lora_config, ppo_config
-    from marl_utils.profiles import resolve_profile
-    from marl_utils.prompts import load_prompts
-    from marl_utils.runs import prepare_run_dir, stage_dir
+    from marl_utils.studies.parity import BASELINE, LAYOUTS, check_layouts, run_layout
+    from marl_utils.stages.pipeline import ensure_earlier_stages, policy_lora_config, ppo_config
+    from marl_utils.infra.profiles import resolve_profile
+    from marl_utils.data.prompts import load_prompts
+    from marl_utils.infra.runs import prepare_run_dir, stage_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default=None)

@@ -1,7 +1,7 @@
 """The package's layers, read from its imports: no cycles, and no module importing a higher layer.
 
 Layers, lowest first (the package docstring says the same):
-    infra -> data, model -> ppo -> grpo, display -> stages -> bench -> the top (`cli`, `__init__`, `__main__`)
+    infra -> data, model -> ppo -> grpo, display -> stages -> bench -> studies -> the top (`cli`, `__init__`, `__main__`)
 A module may import its own subpackage and any lower layer, at module level or inside a function.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import marl_utils
 
 PACKAGE = Path(marl_utils.__file__).resolve().parent
-LAYERS = {"infra": 0, "data": 1, "model": 1, "ppo": 2, "grpo": 3, "display": 3, "stages": 4, "bench": 5, "": 6}
+LAYERS = {"infra": 0, "data": 1, "model": 1, "ppo": 2, "grpo": 3, "display": 3, "stages": 4, "bench": 5, "studies": 6, "": 7}
 
 
 def module_name(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Notebook 08's helpers (marl_utils.overoptimisation): the leash config, the peak, the watched run, bad input."""
+"""Notebook 08's helpers (marl_utils.studies.overoptimisation): the leash config, the peak, the watched run, bad input."""
 
 import math
 import os
@@ -10,13 +10,13 @@ from stand_ins import LORA_TARGETS, make_reward_adapter, make_tiny_llama, make_t
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils.errors import MarlInputError
-from marl_utils.modeling import AutoModelForCausalLMWithValueHead
-from marl_utils.overoptimisation import (WatchedRun, gold_peak, leash_config, plot_against_sqrt_kl, smoothed,
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.model.multi_adapter_model import AutoModelForCausalLMWithValueHead
+from marl_utils.studies.overoptimisation import (WatchedRun, gold_peak, leash_config, plot_against_sqrt_kl, smoothed,
                                          train_watched, weak_reward_adapter)
-from marl_utils.ppo import PPOTrainer
-from marl_utils.ppo_config import PPOConfig
-from marl_utils.profiles import PROFILES
+from marl_utils.ppo.trainer import PPOTrainer
+from marl_utils.ppo.config import PPOConfig
+from marl_utils.infra.profiles import PROFILES
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")

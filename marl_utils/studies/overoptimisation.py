@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import MarlInputError
+from ..infra.errors import MarlInputError
 from .parity import GoldRecorder
 
 
@@ -26,8 +26,8 @@ def weak_reward_adapter(profile, out, pairs: int, *, progress: bool = False) -> 
 
     Trained once and reused: stage 2 with `reward_train_pairs=pairs`, from the stage-1 model in OUT/sft/.
     """
-    from .reward import train_reward_adapter
-    from .runs import stage_dir
+    from ..stages.reward import train_reward_adapter
+    from ..infra.runs import stage_dir
 
     if pairs < 2:
         raise MarlInputError(f"a reward adapter from {pairs} pairs: use at least 2 (the profile's own uses "
@@ -43,7 +43,7 @@ def weak_reward_adapter(profile, out, pairs: int, *, progress: bool = False) -> 
 def leash_config(profile, kl_coef: float, steps: int, seed: int = 0):
     """The profile's PPOConfig with the KL coefficient fixed at `kl_coef` (no adaptive controller), `steps` steps
     of `overopt_batch_size` rollouts in minibatches of `overopt_mini_batch_size`."""
-    from .pipeline import ppo_config
+    from ..stages.pipeline import ppo_config
 
     if kl_coef < 0:
         raise MarlInputError(f"kl_coef={kl_coef}: the KL penalty's weight must be >= 0 (0: no leash)")
@@ -116,7 +116,7 @@ def plot_against_sqrt_kl(runs, *, window: int = 5, save_to=None, title: str | No
     """Proxy (left) and gold (right) score against sqrt(KL), one colour per run; a dot marks the gold peak."""
     import matplotlib.pyplot as plt
 
-    from .plotting import _save
+    from ..display.plots import _save
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

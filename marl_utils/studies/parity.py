@@ -25,7 +25,7 @@ import math
 import statistics
 import time
 
-from .errors import MarlInputError
+from ..infra.errors import MarlInputError
 
 BASELINE = "separate fp32"
 LAYOUTS: dict[str, dict] = {
@@ -54,7 +54,7 @@ def _quantization_config(kind: str | None):
         return None
     from transformers import BitsAndBytesConfig
 
-    from .quantization import require_bitsandbytes
+    from ..model.quantization import require_bitsandbytes
 
     require_bitsandbytes(f"the {kind} layout")
     if kind == "8bit":
@@ -68,8 +68,8 @@ def build_trainer(layout: str, sft_dir, reward_dir, lora_config, config):
     import torch
     from transformers import AutoTokenizer
 
-    from .modeling import AutoModelForCausalLMWithValueHead
-    from .ppo import PPOTrainer
+    from ..model.multi_adapter_model import AutoModelForCausalLMWithValueHead
+    from ..ppo.trainer import PPOTrainer
 
     spec = LAYOUTS[check_layouts([layout])[0]]
     tokenizer = AutoTokenizer.from_pretrained(str(sft_dir))
@@ -110,7 +110,7 @@ class GoldRecorder:
         """prompt + response decoded together, as `evaluate` decodes them for its gold score"""
         import torch
 
-        from .ppo_eval import decode_text
+        from ..ppo.evaluation import decode_text
 
         return [decode_text(self.trainer.tokenizer, torch.cat([q.cpu(), r.cpu()])) for q, r in zip(queries, responses)]
 
@@ -258,7 +258,7 @@ def plot_parity(rows: list[dict], *, smooth: int = 3, save_to=None, title: str |
     """Proxy and gold score of the training rollouts per PPO step, mean over seeds with a ±1 sd band, per layout."""
     import matplotlib.pyplot as plt
 
-    from .plotting import _save, _smooth
+    from ..display.plots import _save, _smooth
 
     panels = (("env/score_mean", "proxy reward (reward adapter)"), ("env/gold_mean", "gold reward (grammar)"),
               ("objective/kl", "KL to reference (nats/seq)"))

@@ -1,4 +1,4 @@
-"""Parity over seeds (marl_utils.parity, scripts/parity.py): the statistics, the verdicts, the saved runs, one run."""
+"""Parity over seeds (marl_utils.studies.parity, scripts/parity.py): the statistics, the verdicts, the saved runs, one run."""
 
 import importlib.util
 import json
@@ -15,10 +15,10 @@ from stand_ins import LORA_TARGETS, make_reward_adapter, make_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from marl_utils.errors import MarlInputError
-from marl_utils.parity import (BASELINE, METRICS, GoldRecorder, check_layouts, compare, format_table, run_layout,
+from marl_utils.infra.errors import MarlInputError
+from marl_utils.studies.parity import (BASELINE, METRICS, GoldRecorder, check_layouts, compare, format_table, run_layout,
                                student_t_quantile, verdict, welch_interval)
-from marl_utils.ppo_config import PPOConfig
+from marl_utils.ppo.config import PPOConfig
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
