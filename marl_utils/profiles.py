@@ -117,6 +117,9 @@ class Profile:
     ppo_min_reward_gain: float = 1.5
     """Bars notebook 03 asserts: eval reward gain at least this, final KL (nats/sequence) at most ppo_max_kl."""
     ppo_max_kl: float = 15.0
+    ppo_min_kl: float = 1.0
+    """... and at least this (notebooks 03-05): a `reference()` that stopped disabling the adapters would make the
+    "reference" the policy itself, KL exactly 0, and every other check would still pass."""
     ppo_quantized_min_reward_gain: float = 1.25
     """Bars of notebook 04 for the 8-bit and the 4-bit base: eval reward gain at least this, ... (tiny, measured
     on the 2-core machine: +1.70 8-bit, +1.61 4-bit; bitsandbytes' CPU kernels differ between CPUs, so the bar
