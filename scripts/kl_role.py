@@ -1,0 +1,51 @@
+"""KL's role, shown: train notebook 03's PPO with the KL penalty off, with the anti-collapse guard off, and with
+the k3 estimator, next to the notebook's own settings; write `notebooks/figures/03_kl_role.{json,png}`.
+
+    python scripts/kl_role.py            # tiny profile, offline, from an empty temporary output folder
+
+Notebook 03 reads the JSON and shows the PNG, so CI does not spend minutes on runs meant to go wrong. Runs go
+one after another (each trains for the profile's `ppo_steps`); stages 1-2 are trained once and shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ROOT / "notebooks" / "figures"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--output-dir", help="reuse this run folder's stages 1-2 (default: a new temporary folder)")
+    parser.add_argument("--steps", type=int, help="PPO steps per run (default: the profile's ppo_steps)")
+    args = parser.parse_args(argv)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+    sys.path.insert(0, str(ROOT))
+    from marl_utils.kl_role import plot_kl_role, run_variants, save_results
+    from marl_utils.pipeline import ensure_earlier_stages
+    from marl_utils.profiles import resolve_profile
+    from marl_utils.runs import prepare_run_dir
+
+    profile = resolve_profile(args.profile)
+    out = prepare_run_dir(args.output_dir or tempfile.mkdtemp(prefix="kl_role-"), profile)
+    ensure_earlier_stages(profile, out, progress=False)
+    start = time.perf_counter()
+    results = run_variants(profile, out, steps=args.steps)
+    print(f"{len(results)} runs in {time.perf_counter() - start:.0f} s")
+    save_results({"profile": profile.name, "target_kl": profile.ppo_target_kl, "runs": results},
+                 FIGURES / "03_kl_role.json")
+    plot_kl_role(results, target_kl=profile.ppo_target_kl, save_to=FIGURES / "03_kl_role.png")
+    for name, result in results.items():
+        print(name, {k: round(v, 2) for k, v in result["after"].items()})
+
+
+if __name__ == "__main__":
+    main()
