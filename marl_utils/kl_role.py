@@ -1,7 +1,7 @@
 """What the KL penalty and the anti-collapse guard are for, shown by taking them away (notebook 03).
 
 `run_variants` trains the notebook's PPO set-up several times from the same start, each run with one knob
-changed (no KL penalty; no short-response penalty; the k3 KL estimator), and keeps per-step curves, the
+changed (no KL penalty; no short-response penalty), and keeps per-step curves, the
 eval numbers before and after, and a few samples of each. `scripts/kl_role.py` runs it once on the tiny
 profile and commits the result (a JSON file and a figure), so the notebook shows the outcome without
 spending minutes of CI on runs whose only purpose is to go wrong.
@@ -19,9 +19,8 @@ VARIANTS = {
     "as in this notebook": {},
     "no KL penalty": {"init_kl_coef": 0.0, "adap_kl_ctrl": False},
     "no anti-collapse guard": {"min_response_tokens": 0},
-    "k3 KL estimator": {"kl_estimator": "k3"},
 }
-"""Run name -> the PPOConfig fields it changes (exercises 1-3 of notebook 03)."""
+"""Run name -> the PPOConfig fields it changes (exercises 1 and 2 of notebook 03)."""
 
 CURVES = {"env/score_mean": "reward-adapter score", "objective/kl": "KL to the reference (nats/response)",
           "ppo/response_tokens_mean": "response length (tokens)", "ppo/distinct_2": "distinct-2"}

@@ -1,5 +1,5 @@
-"""KL's role, shown: train notebook 03's PPO with the KL penalty off, with the anti-collapse guard off, and with
-the k3 estimator, next to the notebook's own settings; write `notebooks/figures/03_kl_role.{json,png}`.
+"""KL's role, shown: train notebook 03's PPO with the KL penalty off and with the anti-collapse guard off, next
+to the notebook's own settings; write `notebooks/figures/03_kl_role.{json,png}`.
 
     python scripts/kl_role.py            # tiny profile, offline, from an empty temporary output folder
 
