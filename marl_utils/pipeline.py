@@ -102,7 +102,7 @@ def build_ppo_parts(profile: Profile, out: Path, dataset=None, seed: int = 0, qu
                     steps: int | None = None, policy_adapter_name: str = "default"):
     """Model (policy + value head + reward adapter on one base), tokenizer, config and prompts.
 
-    Every PPO notebook (03-07) and `marl ppo` start from these parts, so they sample from the same prompts.
+    Notebooks 03, 04, 05 and 07 and `marl ppo` start from these parts, so they sample from the same prompts.
     """
     import torch
     from transformers import AutoTokenizer
