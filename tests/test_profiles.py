@@ -87,6 +87,7 @@ def test_tiny_bars_are_the_numbers_the_notebooks_asserted():
     assert (tiny.ppo_multi_min_gain, tiny.ppo_multi_max_neg_change, tiny.ppo_multi_min_separation) == (1.0, -0.5, 2.5)
     assert tiny.ppo_min_response_tokens == 15 == 3 * tiny.ppo_max_new_tokens // 4
     assert tiny.ppo_min_kl == 1.0  # the notebooks' fallback before the field existed
+    assert tiny.ppo_min_reward_gain == 1.25  # 1.5 until the shared prompt pool measured +1.57 and +1.34
 
 
 def test_gpt2_bars_fit_a_pretrained_base_and_lora_settings():
