@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     from marl_utils.data.corpus import generate_reviews
     from marl_utils.data.loading import clean_text, load_imdb
     from marl_utils.data.gold_reward import gold_score, gold_scores, sentence_scores
-    from marl_utils.stages.pipeline import build_ppo_parts, ensure_earlier_stages
+    from marl_utils.stages.ppo_parts import build_ppo_parts, ensure_earlier_stages
     from marl_utils.display.plots import _plt, _save
     from marl_utils.ppo.trainer import PPOTrainer
     from marl_utils.ppo.evaluation import decode_text

@@ -13,8 +13,8 @@ For each notebook 01-05 (or those named: `python scripts/make_figures.py 03 05`)
 
 It also draws the four-roles diagram (`notebooks/figures/roles.png`, `marl_utils.display.roles_diagram`). It never
 touches the Hub (HF_HUB_OFFLINE=1), never writes into `runs/`, and leaves the notebooks without outputs.
-Runtimes are wall-clock seconds; on a machine shared with other jobs they come out longer (the load average
-is recorded next to them). Notebooks run one after another, never two at once.
+Runtimes are wall-clock seconds; on a machine shared with other jobs they come out longer (the header says
+so; the load average is recorded in numbers.json, not in the learner's header). Notebooks run one after another, never two at once.
 """
 
 from __future__ import annotations
@@ -107,8 +107,9 @@ def stderr_outputs(nb) -> list[str]:
 
 
 def runtime_sentence(total: float, stages: float, cpus: int, profile: str = "tiny", load: float = 0.0) -> str:
-    """The header's runtime, and how busy the machine was: a shared machine makes every run slower."""
-    busy = f" that other jobs were using too (load average {load:.1f} at the start)" if load >= 1.0 else ""
+    """The header's runtime. A shared machine makes every run slower; the load average that says how busy it
+    was goes to numbers.json, not to the learner (`load` is accepted and left out of the sentence)."""
+    busy = " shared with other jobs" if load >= 1.0 else ""
     sentence = f"{duration(total)} on a {cpus}-core CPU{busy} (`{profile}` profile), from an empty output folder"
     if stages >= 1:
         sentence += (f"; {duration(stages)} of it trains the earlier stages, which are reused once their notebooks "

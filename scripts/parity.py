@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     from marl_utils.infra.errors import MarlInputError
     from marl_utils.gold_reward import gold_scores
     from marl_utils.studies.parity import BASELINE, LAYOUTS, check_layouts, run_layout
-    from marl_utils.stages.pipeline import ensure_earlier_stages, policy_lora_config, ppo_config
+    from marl_utils.stages.ppo_parts import ensure_earlier_stages, policy_lora_config, ppo_config
     from marl_utils.infra.profiles import resolve_profile
     from marl_utils.data.prompts import load_prompts
     from marl_utils.infra.runs import prepare_run_dir, stage_dir

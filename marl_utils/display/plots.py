@@ -97,30 +97,48 @@ def plot_curves(history: list[dict], keys, *, x_key: str | None = None, titles=N
 
 
 PPO_DIAGNOSTICS = {
+    "objective/kl": "KL to reference (nats/seq), beta",
     "ppo/policy/approxkl": "approx KL (old vs new policy)",
     "ppo/policy/clipfrac": "clip fraction",
-    "objective/kl_coef": "beta (KL coefficient)",
+    "objective/entropy": "entropy (nats/token)",
     "ppo/val/explained_variance": "explained variance",
     "ppo/loss/value": "value loss",
 }
 """The numbers PPO practitioners watch, per step of a trainer's history (CleanRL logs the same)."""
 
 
-def plot_ppo_diagnostics(history: list[dict], *, smooth: int = 3, save_to=None):
+def plot_ppo_diagnostics(history: list[dict], *, smooth: int = 3, target_kl: float | None = None, save_to=None):
     """The health of the PPO update itself (notebook 03), one panel each for `PPO_DIAGNOSTICS`.
 
-    Approx KL and clip fraction say how far each update moved the policy (both climbing step after step means
-    updates too large for the clip); beta is the KL controller's answer to the
-    KL to the reference; explained variance near 1 means the value head predicts the returns, at or below 0
-    that it does no better than a constant; the value loss should fall as it learns.
+    The KL panel also draws `target_kl` (dashed) and beta, the KL controller's answer to the KL, on its right
+    axis. Approx KL and clip fraction say how far each update moved the policy (both climbing step after step
+    means updates too large for the clip); entropy falling fast means the policy is narrowing onto a few
+    phrases; explained variance near 1 means the value head predicts the returns, at or below 0 that it does
+    no better than a constant; the value loss should fall as it learns.
     """
-    missing = [key for key in PPO_DIAGNOSTICS if not any(key in row for row in history)]
+    keys = [*PPO_DIAGNOSTICS, "objective/kl_coef"]
+    missing = [key for key in keys if not any(key in row for row in history)]
     if missing:
         raise MarlInputError(f"plot_ppo_diagnostics: the history has no {missing}; pass a PPOTrainer's `history` "
                              "(after trainer.train or trainer.log_stats)")
     x_key = "step" if all("step" in row for row in history) else None  # the trainer's step count, as in train()
-    return plot_curves(history, list(PPO_DIAGNOSTICS), titles=list(PPO_DIAGNOSTICS.values()), smooth=smooth,
-                       save_to=save_to, columns=3, x_key=x_key)
+    fig = plot_curves(history, list(PPO_DIAGNOSTICS), titles=list(PPO_DIAGNOSTICS.values()), smooth=smooth,
+                      columns=3, x_key=x_key)
+    kl_ax = fig.axes[0]
+    if target_kl is not None:
+        kl_ax.axhline(target_kl, color="grey", linestyle="--", linewidth=1, label=f"target KL {target_kl:g}")
+    rows = [r for r in history if "objective/kl_coef" in r]
+    beta_ax = kl_ax.twinx()
+    beta_ax.plot([r[x_key] if x_key else i for i, r in enumerate(rows)], [r["objective/kl_coef"] for r in rows],
+                 color="tab:red", label="beta (right axis)")
+    beta_ax.set_ylim(bottom=0)
+    beta_ax.tick_params(axis="y", colors="tab:red")
+    lines = kl_ax.get_legend_handles_labels()
+    kl_ax.legend(lines[0] + beta_ax.get_legend_handles_labels()[0], lines[1] + ["beta (right axis)"], fontsize=8)
+    fig.tight_layout()
+    if save_to:
+        _save(fig, save_to)
+    return fig
 
 
 def plot_score_histograms(pos_scores, neg_scores, *, title="reward scores of held-out reviews", save_to=None):

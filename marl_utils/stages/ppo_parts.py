@@ -86,8 +86,11 @@ def ensure_earlier_stages(profile: Profile, out: Path, dataset=None, seed: int =
 
 
 def build_ppo_parts(profile: Profile, out: Path, dataset=None, seed: int = 0, quantization: str | None = None,
-                    steps: int | None = None):
-    """Model (policy + value head + reward adapter on one base), tokenizer, config and prompts."""
+                    steps: int | None = None, policy_adapter_name: str = "default"):
+    """Model (policy + value head + reward adapter on one base), tokenizer, config and prompts.
+
+    Notebooks 03, 04, 05 and 07 and `marl ppo` start from these parts, so they sample from the same prompts.
+    """
     import torch
     from transformers import AutoTokenizer
 
@@ -102,6 +105,7 @@ def build_ppo_parts(profile: Profile, out: Path, dataset=None, seed: int = 0, qu
     model = AutoModelForCausalLMWithValueHead.from_pretrained(
         str(sft_dir), peft_config=policy_lora_config(profile), reward_adapter=str(reward_dir),
         load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit",
+        policy_adapter_name=policy_adapter_name,
     )
     data = load_imdb(dataset or profile.dataset, seed=seed)
     lo, hi = profile.ppo_prompt_tokens

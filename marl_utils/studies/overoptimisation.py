@@ -43,7 +43,7 @@ def weak_reward_adapter(profile, out, pairs: int, *, progress: bool = False) -> 
 def leash_config(profile, kl_coef: float, steps: int, seed: int = 0):
     """The profile's PPOConfig with the KL coefficient fixed at `kl_coef` (no adaptive controller), `steps` steps
     of `overopt_batch_size` rollouts in minibatches of `overopt_mini_batch_size`."""
-    from ..stages.pipeline import ppo_config
+    from ..stages.ppo_parts import ppo_config
 
     if kl_coef < 0:
         raise MarlInputError(f"kl_coef={kl_coef}: the KL penalty's weight must be >= 0 (0: no leash)")

@@ -76,7 +76,7 @@ def build_trainer(layout: str, sft_dir, reward_dir, lora_config, config):
     tokenizer.padding_side = "left"
     torch.manual_seed(config.seed)
     if spec.get("separate"):
-        from .separate_layout import build_separate_trainer
+        from ..bench.separate_layout import build_separate_trainer
 
         return build_separate_trainer(config, sft_dir, reward_dir, tokenizer, lora_config, seed=config.seed)
     kwargs = {"critic": spec["critic"]} if "critic" in spec else {}

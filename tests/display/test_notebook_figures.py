@@ -98,15 +98,22 @@ def test_bad_settings_are_refused():
         LiveCurves(["loss"], every=0)
 
 
-def test_ppo_diagnostics_draws_the_five_numbers():
-    history = [{key: 0.1 * step for key in PPO_DIAGNOSTICS} for step in range(10)]
-    fig = plot_ppo_diagnostics(history)
-    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+def test_ppo_diagnostics_draws_the_six_numbers_with_target_kl_and_beta():
+    keys = [*PPO_DIAGNOSTICS, "objective/kl_coef"]
+    history = [{key: 0.1 * step for key in keys} for step in range(10)]
+    fig = plot_ppo_diagnostics(history, target_kl=6.0)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
     assert titles == list(PPO_DIAGNOSTICS.values())
-    assert set(PPO_DIAGNOSTICS) == {"ppo/policy/approxkl", "ppo/policy/clipfrac", "objective/kl_coef",
+    assert set(PPO_DIAGNOSTICS) == {"objective/kl", "ppo/policy/approxkl", "ppo/policy/clipfrac", "objective/entropy",
                                     "ppo/val/explained_variance", "ppo/loss/value"}
+    kl_ax = fig.axes[0]
+    assert any(list(line.get_ydata()) == [6.0, 6.0] for line in kl_ax.get_lines()), "no target-KL line"
+    beta_ax = [ax for ax in fig.axes if ax is not kl_ax and ax.bbox.bounds == kl_ax.bbox.bounds]
+    assert beta_ax and list(beta_ax[0].get_lines()[0].get_ydata()) == [r["objective/kl_coef"] for r in history]
     with pytest.raises(MarlInputError, match="ppo/loss/value"):
-        plot_ppo_diagnostics([{k: 1.0 for k in PPO_DIAGNOSTICS if k != "ppo/loss/value"}])
+        plot_ppo_diagnostics([{k: 1.0 for k in keys if k != "ppo/loss/value"}])
+    with pytest.raises(MarlInputError, match="objective/kl_coef"):
+        plot_ppo_diagnostics([{k: 1.0 for k in PPO_DIAGNOSTICS}])
 
 
 def test_roles_diagram_draws_four_roles_on_one_base(tmp_path):
