@@ -14,6 +14,7 @@ import torch
 from ..model.forward_modes import train_mode_without_dropout
 from .maths import build_rollout_batch, distinct_n, kl_penalty
 from .rollout import policy_forward, reference_forward, response_view
+from .training_loop import training_prompts
 
 
 def decode_text(tokenizer, ids) -> str:
@@ -30,7 +31,7 @@ def evaluate_policy(trainer, prompts, seed: int | None = None, num_samples: int 
     decoded prompt + response, the text the reward adapter scores; without it those keys are absent.
     """
     cfg = trainer.config
-    prompts = trainer._training_prompts(prompts)
+    prompts = training_prompts(trainer, prompts)
     with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed if seed is None else seed)
         responses = trainer.generate(prompts, batch_size=cfg.generation_batch_size or cfg.batch_size)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from pathlib import Path
 
 import torch
 
@@ -429,99 +428,11 @@ class PPOTrainer:
         checkpoint goes to OUT/checkpoints every config.save_every steps and at the end, and `resume=True`
         continues from the latest one there (refused if it ran with other settings or prompts).
         `callback(trainer, entry)` runs after each step; returning True stops training. Returns `history`.
+        The loop itself is in training_loop.py.
         """
-        from tqdm.auto import tqdm
+        from .training_loop import run_training
 
-        from .checkpoint import latest_checkpoint, load_checkpoint, prompts_fingerprint, save_checkpoint
-
-        cfg = self.config
-        prompts = self._training_prompts(prompts)
-        self.prompts_digest = prompts_fingerprint(prompts)
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        if world > 1:
-            if len(prompts) < world:
-                raise MarlInputError(f"{len(prompts)} prompts cannot be shared by {world} processes; pass more prompts")
-            prompts = prompts[rank::world]
-        total = cfg.steps if steps is None else steps
-        checkpoints = None if output_dir is None else Path(output_dir) / "checkpoints"
-        if resume:
-            if output_dir is None:
-                raise MarlInputError("train(resume=True) needs the output_dir of the run to resume")
-            found = latest_checkpoint(output_dir)
-            if found is not None:
-                load_checkpoint(self, found)
-            elif self.accelerator.is_main_process:
-                print(f"no checkpoint under {output_dir}: starting from step {self.step_count}")
-        saved_at, started_at, t_start = self.step_count, self.step_count, time.perf_counter()
-        show = progress and self.accelerator.is_main_process
-        # leave=False: the bar (a widget in Jupyter) goes away when done and a line of text stays, so a saved
-        # notebook reopens without "Error displaying widget"
-        bar = tqdm(total=total, initial=min(self.step_count, total), desc="PPO", disable=not show, leave=False)
-        self._progress = bar
-        try:
-            while self.step_count < total:
-                entry = self._train_step(prompts, eval_prompts)
-                if checkpoints is not None and cfg.save_every and self.step_count % cfg.save_every == 0:
-                    save_checkpoint(self, checkpoints)
-                    saved_at = self.step_count
-                bar.update(1)
-                if callback is not None and callback(self, entry) is True:
-                    break
-            if checkpoints is not None and saved_at != self.step_count:
-                save_checkpoint(self, checkpoints)
-        finally:
-            bar.close()
-            self._progress = None
-        if show and self.step_count > started_at:
-            print(self._summary_line(started_at, time.perf_counter() - t_start))
-        return self.history
-
-    def _summary_line(self, started_at: int, seconds: float) -> str:
-        """One line for the end of train(): steps, time, and how reward and KL moved."""
-        first, last = self.history[-min(self.step_count - started_at, len(self.history))], self.history[-1]
-        return (f"PPO: steps {started_at + 1}-{self.step_count} in {seconds:.0f} s "
-                f"({seconds / (self.step_count - started_at):.2f} s/step); reward {first['env/score_mean']:.2f} -> "
-                f"{last['env/score_mean']:.2f}, KL {last['objective/kl']:.2f} nats, "
-                f"{last['ppo/response_tokens_mean']:.1f} tokens per response")
-
-    def _train_step(self, prompts, eval_prompts) -> dict:
-        """One iteration of train(): sample prompts, generate, score (fused into the rollout forward), step."""
-        cfg = self.config
-        t_start = time.perf_counter()
-        if len(prompts) >= cfg.batch_size:
-            picks = torch.randperm(len(prompts), generator=self.prompt_generator)[:cfg.batch_size]
-        else:
-            picks = torch.randint(len(prompts), (cfg.batch_size,), generator=self.prompt_generator)
-        queries = [prompts[i] for i in picks.tolist()]
-        responses = self.generate(queries, batch_size=cfg.generation_batch_size or cfg.batch_size)
-        t_generate = time.perf_counter()
-        batch = build_rollout_batch(queries, responses, self.pad_token_id, device=self.device)
-        rollout = self.rollout_forward(batch, with_reward=True)
-        scores = rollout.scores
-        check_step_inputs(self.model, queries, responses, scores, cfg.batch_size, self.device)  # finite scores
-        stats = self._step_on_rollout(batch, rollout, scores, responses, t_generate)
-        # here the reward pass is part of time/ppo/rollout_forward (one fused forward, or right after it)
-        stats["time/rollout/generate"] = t_generate - t_start
-        extra = {}
-        if eval_prompts is not None and cfg.eval_every and self.step_count % cfg.eval_every == 0:
-            result = self.evaluate(eval_prompts)
-            extra = {f"eval/{k}": v for k, v in result.items() if k != "samples"}
-        return self.log_stats(stats, rewards=scores, extra=extra)
-
-    def _training_prompts(self, prompts):
-        if prompts is None:
-            if self.dataset is None:
-                raise MarlInputError("train() needs prompts: pass a list of 1-D token tensors, or build the trainer "
-                                     "with dataset= (a dataset with an 'input_ids' column)")
-            if isinstance(self.dataset, (list, tuple)):
-                prompts = [row["input_ids"] if isinstance(row, dict) else row for row in self.dataset]
-            else:  # a datasets.Dataset (or any mapping of columns)
-                prompts = self.dataset["input_ids"]
-        prompts = [p if torch.is_tensor(p) else torch.tensor(p, dtype=torch.long) for p in prompts]
-        if not prompts:
-            raise MarlInputError("train() got no prompts")
-        check_token_lists(prompts, "prompts")
-        return prompts
+        return run_training(self, prompts, steps, eval_prompts, callback, progress, output_dir, resume)
 
     def evaluate(self, prompts, seed: int | None = None, num_samples: int = 8, gold_reward=None) -> dict:
         """Sample once per held-out prompt with a fixed seed: mean reward, KL, length, diversity (ppo_eval.py);

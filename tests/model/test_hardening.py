@@ -150,7 +150,8 @@ def test_train_shards_the_prompts_over_processes(stand_in, tok, monkeypatch):
     seen = []
     monkeypatch.setattr(type(trainer.accelerator), "process_index", property(lambda self: 1))
     monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
-    monkeypatch.setattr(trainer, "_train_step", lambda shard, _: (seen.append(shard), setattr(trainer, "step_count", 1)))
+    monkeypatch.setattr("marl_utils.ppo.training_loop.train_step",
+                        lambda trainer, shard, _: (seen.append(shard), setattr(trainer, "step_count", 1)))
     trainer.train(prompts(tok), progress=False)
     assert [p.tolist() for p in seen[0]] == [p.tolist() for p in prompts(tok)[1::2]]
 
