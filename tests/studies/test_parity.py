@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import zlib
 from pathlib import Path
 
 import pytest
@@ -57,14 +58,16 @@ def test_welch_interval_by_hand_and_its_coverage():
 
 
 def rows_of(layout, values: dict, seeds=5):
-    rng = random.Random(hash(layout) % 1000)
+    rng = random.Random(zlib.crc32(layout.encode()))  # str hash() changes between processes
     return [{"layout": layout, "seed": s, **{m: values.get(m, 0.0) + rng.gauss(0, 0.1) for m in METRICS}}
             for s in range(seeds)]
 
 
 def test_compare_finds_a_shifted_metric_and_nothing_else():
-    rows = (rows_of(BASELINE, {"gold gain": 1.0}) + rows_of("one base fp32", {"gold gain": 1.0})
-            + rows_of("one base 8-bit", {"gold gain": 1.0, "final KL": 3.0}))
+    base = rows_of(BASELINE, {"gold gain": 1.0})
+    same = [{**row, "layout": "one base fp32", "seed": 4 - row["seed"]} for row in base]  # the same numbers
+    shifted_kl = [{**row, "layout": "one base 8-bit", "final KL": row["final KL"] + 3.0} for row in base]
+    rows = base + same + shifted_kl
     table = {row["layout"]: row for row in compare(rows)}
     assert table[BASELINE]["verdict"] == "baseline"
     assert table["one base fp32"]["verdict"] == "no difference detected at this n (5 seeds)"
@@ -72,7 +75,9 @@ def test_compare_finds_a_shifted_metric_and_nothing_else():
     assert shifted["verdict"].startswith("differs: final KL higher by 3.")
     assert "gold gain" not in shifted["verdict"]
     diff, lo, hi = shifted["final KL diff"]
-    assert lo < 3.0 < hi and diff == pytest.approx(3.0, abs=0.3)
+    assert lo < 3.0 < hi and diff == pytest.approx(3.0)
+    diff, lo, hi = table["one base fp32"]["gold gain diff"]
+    assert diff == pytest.approx(0.0, abs=1e-12) and lo < 0 < hi
     text = format_table(compare(rows))
     assert text.count("\n") == 4 and "| one base 8-bit | 5 |" in text
 
