@@ -99,7 +99,7 @@ def _run_sft_process(inputs_file: Path, steps: int, batch_size: int, max_length:
         command = [sys.executable, "-m", "marl_utils.bench.sft_memory", "--sft", "--inputs", str(inputs_file),
                    "--steps", str(steps), "--batch-size", str(batch_size), "--max-length", str(max_length),
                    "--threads", str(threads), "--result", str(result_file)]
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "CUDA_VISIBLE_DEVICES": "",
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         done = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -1,6 +1,6 @@
 """What one base for four roles saves, in measured numbers and one figure (notebook 03).
 
-`MEASURED` holds the memory bench of the README ("Memory"): `marl bench --base-size mid --compare marl
+`MEASURED` holds the memory bench of docs/performance.md ("Memory"): `marl bench --base-size mid --compare marl
 --steps 2` on the 2-core CPU, each layout in its own process, a 46M-parameter Llama-style base (random weights) with LoRA on
 every linear layer, batch 32. "separate" is the classic RLHF layout: policy, reference, reward model and
 value model as four models. `live_parameter_bytes` adds the same comparison for the model a notebook holds.

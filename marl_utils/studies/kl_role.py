@@ -73,7 +73,7 @@ def save_results(results: dict, path) -> Path:
     return path
 
 
-RESULTS = Path(__file__).resolve().parent.parent / "notebooks" / "figures" / "03_kl_role.json"
+RESULTS = Path(__file__).resolve().parents[2] / "notebooks" / "figures" / "03_kl_role.json"
 """Where `scripts/kl_role.py` writes the runs and notebook 03 reads them."""
 
 

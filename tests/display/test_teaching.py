@@ -12,7 +12,7 @@ from marl_utils.studies.kl_role import CURVES, RESULTS, VARIANTS, load_results, 
 from marl_utils.infra.profiles import PROFILES
 from marl_utils.display.trick_savings import MEASURED, plot_savings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fake_results(steps=6):
@@ -54,9 +54,9 @@ def test_committed_kl_role_runs_are_the_variants_notebook_03_shows():
     assert (RESULTS.with_suffix(".png")).stat().st_size > 5000
 
 
-def test_savings_figure_reads_the_readme_memory_table():
-    """The numbers notebook 03 draws are the README's measured table (a rerun of the bench updates both)."""
-    readme = (ROOT / "README.md").read_text()
+def test_savings_figure_reads_the_performance_page_memory_table():
+    """The numbers notebook 03 draws are the measured table of docs/performance.md (a rerun of the bench updates both)."""
+    readme = (ROOT / "docs" / "performance.md").read_text()
     rows = {"four separate models, fp32": "separate, fp32", "one base, fp32": "MARL, fp32",
             "one base, 8-bit": "MARL, 8-bit base", "one base, 4-bit": "MARL, 4-bit base"}
     for ours, theirs in rows.items():

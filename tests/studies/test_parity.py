@@ -23,7 +23,7 @@ from marl_utils.ppo.config import PPOConfig
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "parity.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "parity.py"
 
 
 def script():
