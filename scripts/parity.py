@@ -89,7 +89,7 @@ def main(argv=None) -> int:
 
     from marl_utils.data.loading import load_imdb
     from marl_utils.infra.errors import MarlInputError
-    from marl_utils.gold_reward import gold_scores
+    from marl_utils.data.gold_reward import gold_scores
     from marl_utils.studies.parity import BASELINE, LAYOUTS, check_layouts, run_layout
     from marl_utils.stages.ppo_parts import ensure_earlier_stages, policy_lora_config, ppo_config
     from marl_utils.infra.profiles import resolve_profile
