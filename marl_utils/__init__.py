@@ -10,8 +10,10 @@ from .known_warnings import silence_known_library_warnings
 from .modeling import AutoModelForCausalLMWithValueHead, ValueHead
 from .ppo import PPOTrainer
 from .ppo_config import PPOConfig
+from .progress import text_bars_in_notebooks
 
 silence_known_library_warnings()
+text_bars_in_notebooks()  # a saved notebook must not hold widget bars (progress.py says why)
 
 __version__ = "0.1.0"
 

@@ -391,7 +391,7 @@ class PPOTrainer:
         continues from the latest one there (refused if it ran with other settings or prompts).
         `callback(trainer, entry)` runs after each step; returning True stops training. Returns `history`.
         """
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
         from .checkpoint import latest_checkpoint, load_checkpoint, prompts_fingerprint, save_checkpoint
 
@@ -417,7 +417,7 @@ class PPOTrainer:
         show = progress and self.accelerator.is_main_process
         # leave=False: the bar (a widget in Jupyter) goes away when done and a line of text stays, so a saved
         # notebook reopens without "Error displaying widget"
-        bar = tqdm(total=total, initial=min(self.step_count, total), desc="PPO", disable=not show, leave=False)
+        bar = progress_bar(total=total, initial=min(self.step_count, total), desc="PPO", disable=not show, leave=False)
         self._progress = bar
         try:
             while self.step_count < total:
