@@ -35,7 +35,7 @@ CONTROLS: dict[str, dict] = {
 }
 
 CURVES = (("env/score_mean", "reward (score)"), ("ppo/loss/value", "value loss"),
-          ("ppo/val/explained_variance", "explained variance"), ("objective/kl", "KL to reference (nats/seq)"))
+          ("ppo/val/explained_variance", "explained variance"), ("objective/kl", "KL to reference (nats per response)"))
 
 
 def critic_kwargs(label: str, reward_dir=None) -> dict:

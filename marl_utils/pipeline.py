@@ -174,9 +174,9 @@ def train_ppo(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0,
             trainer.model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-        print(f"stage 3 (PPO) done in {metrics['seconds']:.0f}s: eval reward {metrics['eval_reward_before']:.2f} -> "
-              f"{metrics['eval_reward_after']:.2f}, KL {metrics['kl_final']:.2f} nats, "
-              f"{metrics['response_tokens_mean']:.1f} tokens/response -> {final}")
+        print(f"stage 3 (PPO) done in {metrics['seconds']:.0f} s: held-out eval reward {metrics['eval_reward_before']:.2f} "
+              f"-> {metrics['eval_reward_after']:.2f}, KL {metrics['kl_final']:.1f} nats per response, "
+              f"{metrics['response_tokens_mean']:.1f} tokens per response\n  saved in {final}")
         if metrics["learning_note"]:
             print(f"NOTE: {metrics['learning_note']}")
     trainer.accelerator.wait_for_everyone()
@@ -214,7 +214,7 @@ def save_plots(out: Path, sft_metrics: dict, reward_metrics: dict, ppo_metrics: 
     plot_curves(reward_metrics.get("log_history", []), ["loss", "accuracy"], x_key="step",
                 titles=["reward pairwise loss", "reward pair accuracy"], save_to=paths[1])
     plot_curves(ppo_metrics.get("history", []), ["env/score_mean", "objective/kl", "ppo/response_tokens_mean"],
-                titles=["reward (score)", "KL to reference (nats/seq)", "response length (tokens)"],
+                titles=["reward (score)", "KL to reference (nats per response)", "response length (tokens)"],
                 save_to=paths[2], smooth=3)
     return paths
 

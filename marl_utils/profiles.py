@@ -34,6 +34,7 @@ class Profile:
 
     # Stage 1: SFT
     sft_max_length: int = 128
+    """Tokens per training review; longer reviews are cut."""
     sft_epochs: float = 1.0
     """Fewest passes over the training reviews (more when `sft_token_budget` asks for them)."""
     sft_token_budget: int | None = 250_000
@@ -44,7 +45,9 @@ class Profile:
     """Most passes the token budget may ask for (a small dataset read 50 times is learnt by heart)."""
     sft_max_steps: int = -1
     sft_batch_size: int = 16
+    """Reviews per optimizer step."""
     sft_learning_rate: float = 2e-3
+    """Peak AdamW learning rate of SFT (full fine-tuning of the base)."""
     sft_max_train_examples: int | None = None
     sft_eval_examples: int = 200
     """Held-out reviews for the perplexity before and after SFT (the same texts both times)."""
@@ -63,6 +66,7 @@ class Profile:
     """Prefix lengths of the truncated pairs added to training: PPO scores short texts."""
     reward_eval_prefix_tokens: int = 24
     reward_lora_r: int = 16
+    """Rank of the reward adapter's LoRA matrices."""
     reward_lora_alpha: int = 32
     reward_lora_embeddings: bool = True
     """Also give the input embeddings a LoRA in the reward adapter (besides every linear layer). A base trained
@@ -79,8 +83,11 @@ class Profile:
     """Most passes the pair budget may ask for."""
     reward_max_steps: int = -1
     reward_batch_size: int = 16
+    """Preference pairs (chosen, rejected) per optimizer step."""
     reward_learning_rate: float = 3e-3
+    """Peak AdamW learning rate of the reward adapter and its score head."""
     reward_train_pairs: int = 2000
+    """Full-review preference pairs (a positive review chosen over a negative one) to train on."""
     reward_eval_pairs: int = 400
     """Held-out pairs for the accuracy after training and for the untrained baseline (the same pairs)."""
     reward_min_accuracy: float = 0.95

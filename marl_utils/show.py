@@ -2,7 +2,7 @@
 instead of cutting text, sizes in MB, and a word on why the tiny model's text looks broken (notebooks 01-08).
 
     settings_table(profile, ["ppo_steps", "ppo_init_kl_coef"])    # setting | value | what it means
-    table(summary, caption="held-out evaluation, 128 prompts")   # numbers rounded, text in full
+    readable_table(summary, caption="held-out evaluation, 128 prompts")   # numbers rounded, text in full
     samples_table({"prompt": [...], "after": [...]}, model=model) # + the tiny-model note as its caption
 
 A pandas DataFrame shown as is cuts long text with "...", right-aligns it, and prints floats with six
@@ -17,8 +17,8 @@ import dataclasses
 import inspect
 import re
 
-__all__ = ["settings_table", "field_meanings", "table", "samples_table", "megabytes", "share",
-           "TINY_TEXT_NOTE", "tiny_text_note"]
+__all__ = ["settings_table", "field_meanings", "readable_table", "samples_table", "evaluation_table", "megabytes",
+           "share", "TINY_TEXT_NOTE", "tiny_text_note", "parameter_count"]
 
 TINY_MODEL_PARAMETERS = 20_000_000
 """Below this many parameters a model's samples get `TINY_TEXT_NOTE` (the tiny profile's base has ~1M)."""
@@ -82,6 +82,12 @@ def settings_table(obj, names, *, meanings: dict | None = None, caption: str | N
     import pandas as pd
 
     known = {**field_meanings(obj), **(meanings or {})}
+    if type(obj).__name__ == "Profile":   # its ppo_* sizes fill the PPOConfig fields of the same name (pipeline.py)
+        from .ppo_config import PPOConfig
+
+        config = field_meanings(PPOConfig)
+        known = {**{name: config.get(name[4:], config.get(name)) for name in names
+                    if name.startswith("ppo_") and (name[4:] in config or name in config)}, **known}
     rows = [{"setting": name, "value": _plain(getattr(obj, name)), "meaning": known.get(name, "")} for name in names]
     return _left_aligned(pd.DataFrame(rows).style.hide(axis="index"), caption)
 
@@ -96,7 +102,7 @@ def _plain(value) -> str:
     return str(value)
 
 
-def table(data, *, digits: int = 2, caption: str | None = None, index: bool = True):
+def readable_table(data, *, digits: int = 2, caption: str | None = None, index: bool = True):
     """A DataFrame (or what builds one) as a left-aligned table: floats to `digits` decimals, text in full,
     wrapped at spaces; `caption` above it (say where the numbers come from)."""
     import pandas as pd
@@ -108,10 +114,28 @@ def table(data, *, digits: int = 2, caption: str | None = None, index: bool = Tr
     return _left_aligned(styler, caption)
 
 
+def parameter_count(model) -> int:
+    """Parameters of a model object, or of the safetensors files in a saved model's folder (no weights load)."""
+    from pathlib import Path
+
+    if hasattr(model, "parameters"):
+        return sum(p.numel() for p in model.parameters())
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(model).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
 def tiny_text_note(model=None, parameters: int | None = None) -> str | None:
-    """`TINY_TEXT_NOTE` for a model under `TINY_MODEL_PARAMETERS` parameters (None for a larger one)."""
+    """`TINY_TEXT_NOTE` for a model (object or saved folder) under `TINY_MODEL_PARAMETERS` parameters (None for a
+    larger one)."""
     if parameters is None and model is not None:
-        parameters = sum(p.numel() for p in model.parameters())
+        parameters = parameter_count(model)
     if parameters is None or parameters >= TINY_MODEL_PARAMETERS:
         return None
     return TINY_TEXT_NOTE.format(millions=parameters / 1e6)
@@ -119,19 +143,40 @@ def tiny_text_note(model=None, parameters: int | None = None) -> str | None:
 
 def samples_table(columns, *, model=None, parameters: int | None = None, caption: str | None = None,
                   digits: int = 2):
-    """Sampled texts side by side, in full and left-aligned; with a small model, the note on its broken words
-    joins the caption."""
+    """Sampled texts side by side, in full and left-aligned; with a small model (`model`: an object or its saved
+    folder), the note on its broken words joins the caption."""
     note = tiny_text_note(model, parameters)
     caption = " ".join(part for part in (caption, note) if part) or None
-    return table(columns, digits=digits, caption=caption, index=False)
+    return readable_table(columns, digits=digits, caption=caption, index=False)
 
 
 def megabytes(n_bytes: float) -> float:
-    """Bytes as MB (10^6 bytes, as disks and downloads count them), rounded to what a reader compares: 0.01 MB."""
-    return round(n_bytes / 1e6, 2)
+    """Bytes as MB (10^6 bytes, as disks and downloads count them), rounded to what a reader compares: 0.01 MB
+    from 1 MB up (3363456 -> 3.36), three significant digits below (41216 -> 0.0412)."""
+    mb = n_bytes / 1e6
+    return round(mb, 2) if abs(mb) >= 1 else float(f"{mb:.3g}")
 
 
 def share(part: float, whole: float) -> str:
     """'3.2%' (two significant digits below 10%, '100%' for the whole): a part's share, for a table."""
     ratio = 100 * part / whole
     return f"{ratio:.2g}%" if ratio < 10 else f"{ratio:.0f}%"
+
+
+EVAL_COLUMNS = {"reward_mean": "reward (score)", "kl_mean": "KL to reference (nats per response)",
+                "response_tokens_mean": "tokens per response", "eos_frac": "share ending with EOS",
+                "distinct_2": "distinct-2"}
+"""`PPOTrainer.evaluate` keys -> the column a reader sees (the same units as the live board's panels)."""
+
+
+def evaluation_table(results: dict, *, prompts: int | None = None, digits: int = 2):
+    """One row per held-out evaluation (`{"before": trainer.evaluate(...), "after": ...}`), readable columns,
+    and a caption that says these numbers are the held-out prompts', not the training batches' of the board."""
+    import pandas as pd
+
+    rows = {label: {EVAL_COLUMNS[k]: v for k, v in result.items() if k in EVAL_COLUMNS}
+            for label, result in results.items()}
+    where = f"{prompts} held-out prompts" if prompts else "the held-out prompts"
+    caption = (f"Held-out evaluation: {where}, never trained on, one sampled response each (the live board "
+               "above shows the training batches, another sample: its last values differ).")
+    return readable_table(pd.DataFrame(rows).T, digits=digits, caption=caption)
