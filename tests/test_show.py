@@ -1,5 +1,7 @@
 """What the notebooks print for a person (marl_utils.show) and how progress is drawn (marl_utils.progress)."""
 
+import re
+
 import pytest
 
 from marl_utils.profiles import PROFILES
@@ -32,7 +34,9 @@ def test_tables_are_left_aligned_and_keep_long_text_whole():
     long_text = "a review that goes on " * 20 + "(score 1.8)"
     html = readable_table({"text": [long_text], "score": [1.23456]}, caption="held-out evaluation").to_html()
     assert long_text in html and "..." not in html   # wrapped by the browser, never cut
-    assert "text-align: left" in html and "1.23" in html and "1.23456" not in html
+    body_cells = re.search(r"_row0_col0[^{]*\{([^}]*)\}", html).group(1)   # the CSS rule of the table's cells
+    assert "text-align: left" in body_cells and "white-space: pre-wrap" in body_cells
+    assert "1.23" in html and "1.23456" not in html
     assert "held-out evaluation" in html
 
 
