@@ -9,7 +9,7 @@ so that 03-08 train the earlier stages themselves), this script:
 
 1. starts `jupyter lab` (this interpreter's) on a copy of `notebooks/`, with the `tiny` profile, no Hub, the
    "get notified about official Jupyter news?" pop-up switched off, and every cell rendered (no windowing);
-2. opens the notebook in Chromium, waits for the kernel, and clicks Run > Run All Cells;
+2. opens the notebook in Chromium, waits for its kernel, and runs Run > Run All Cells;
 3. while it runs, records, cell by cell, every distinct picture its outputs show (`LiveCurves` replaces one
    PNG in place: several distinct pictures in one cell = the curve updated live), and screenshots that cell;
 4. when the last cell has run, saves, screenshots the page, and stops that server (and with it the kernel);
@@ -83,7 +83,8 @@ class Lab:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={self.port}",
              f"--IdentityProvider.token={self.token}", "--ServerApp.ip=127.0.0.1", f"--ServerApp.root_dir={work}",
-             "--LabApp.news_url=", "--ServerApp.allow_root=True"],
+             "--LabApp.news_url=", "--ServerApp.allow_root=True",
+             "--LabApp.expose_app_in_browser=True"],   # window.jupyterapp: run commands without menu clicks
             env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_until_listening()
 
@@ -121,10 +122,32 @@ def open_notebook(p, chromium: str, url: str):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url)
     page.wait_for_selector(".jp-Notebook", timeout=120_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], "
-                           "#jp-main-statusbar :text('Idle')", timeout=180_000)
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget && "
+                           "window.jupyterapp.shell.currentWidget.sessionContext && "
+                           "window.jupyterapp.shell.currentWidget.sessionContext.session && "
+                           "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel && "
+                           "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'",
+                           timeout=300_000)   # the notebook is the current widget and its kernel is up
     time.sleep(2)
     return browser, page
+
+
+# execution counts of the code cells as JupyterLab shows them: "[ ]:" not run, "[*]:" running or queued
+PROMPTS = "els => els.map(e => e.textContent.trim())"
+
+
+def start_run_all(page, tries: int = 3) -> None:
+    """Run > Run All Cells, as a command (a menu click on a busy machine can land before the item is enabled);
+    retried until a cell is queued or running."""
+    for _ in range(tries):
+        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            prompts = page.eval_on_selector_all(".jp-CodeCell .jp-InputPrompt", PROMPTS)
+            if any(p not in ("[ ]:", "") for p in prompts):
+                return
+            time.sleep(2)
+    raise RuntimeError(f"Run All Cells did not start a cell in {tries} tries")
 
 
 def run_all(url: str, name: str, shots: Path, chromium: str, timeout_s: float) -> dict:
@@ -134,9 +157,8 @@ def run_all(url: str, name: str, shots: Path, chromium: str, timeout_s: float) -
     report = {"screenshots": []}
     with sync_playwright() as p:
         browser, page = open_notebook(p, chromium, url)
-        page.click("div.lm-MenuBar-itemLabel:text-is('Run')")
-        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
         started, pictures, last_shot = time.time(), {}, 0.0
+        start_run_all(page)
         while time.time() - started < timeout_s:
             shown = page.eval_on_selector_all(".jp-Notebook .jp-Cell", PICTURES_PER_CELL)
             for cell, srcs in enumerate(shown):
@@ -150,8 +172,7 @@ def run_all(url: str, name: str, shots: Path, chromium: str, timeout_s: float) -
                 cell.screenshot(path=str(shot))   # the cell whose picture changes: the live board
                 report["screenshots"].append(str(shot))
                 last_shot = time.time()
-            counts = page.eval_on_selector_all(
-                ".jp-CodeCell .jp-InputPrompt", "els => els.map(e => e.textContent.trim())")
+            counts = page.eval_on_selector_all(".jp-CodeCell .jp-InputPrompt", PROMPTS)
             if counts and all(c not in ("[ ]:", "[*]:", "") for c in counts):
                 break  # every code cell shows an execution count: the run is over
             if page.query_selector(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'] "
