@@ -140,7 +140,8 @@ def start_run_all(page, tries: int = 3) -> None:
     """Run > Run All Cells, as a command (a menu click on a busy machine can land before the item is enabled);
     retried until a cell is queued or running."""
     for _ in range(tries):
-        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        # a block body returns nothing: returning execute()'s promise would make Playwright wait for the whole run
+        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
         deadline = time.time() + 60
         while time.time() < deadline:
             prompts = page.eval_on_selector_all(".jp-CodeCell .jp-InputPrompt", PROMPTS)
