@@ -120,9 +120,9 @@ class LiveCurves:
         """Where the run is, and the latest value of every panel and series, as a small left-aligned table:
 
             step 25/50, 0.81 s per step. Last training batch:
-                                                  8-bit  4-bit
-            reward (score)                        1.23   1.10
-            KL to reference (nats per response)   4.6    3.2
+                                                  8-bit   4-bit
+            reward (score)                        1.23    1.10
+            KL to reference (nats per response)   4.56    12.4
 
         (final: "done: 50 steps in 41 s. Training batches, first step -> last step:" and "first -> last").
         One row per panel and one column per series, each line short enough not to wrap in a notebook; the
