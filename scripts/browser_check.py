@@ -78,7 +78,8 @@ class Lab:
         env = dict(os.environ, MARL_PROFILE="tiny", MARL_OUTPUT_DIR=str(out), HF_HUB_OFFLINE="1",
                    HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    JUPYTERLAB_SETTINGS_DIR=str(work / "lab-settings"),
-                   JUPYTERLAB_WORKSPACES_DIR=str(work / "lab-workspaces"))
+                   # a workspace of its own: a shared one reopens the tabs of earlier notebooks (and their kernels)
+                   JUPYTERLAB_WORKSPACES_DIR=str(work / "lab-workspaces" / log_name.removesuffix(".log")))
         self.log = open(work / log_name, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={self.port}",
@@ -227,6 +228,16 @@ def read_saved(path: Path) -> dict:
 
 
 def check_notebook(path: Path, work: Path, out: Path, shots: Path, chromium: str, timeout_s: float) -> dict:
+    """Run, save, reopen in a new server, read the file; a failure of the driving itself is one more problem."""
+    try:
+        return _check_notebook(path, work, out, shots, chromium, timeout_s)
+    except Exception as err:   # a timeout in the browser, a server that did not start: report it, go on
+        return {"seconds": float("nan"), "live_cell": None, "live_pictures": 0, "error_cells": [],
+                "widget_errors_after_reopen": -1, "stderr_trouble": [], "screenshots": [],
+                "problems": [f"the check itself failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"]}
+
+
+def _check_notebook(path: Path, work: Path, out: Path, shots: Path, chromium: str, timeout_s: float) -> dict:
     lab = Lab(work, out, f"lab-{path.stem}-run.log")
     try:
         report = run_all(lab.url(path.name), path.stem, shots, chromium, timeout_s)
@@ -262,6 +273,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shots", help="folder for screenshots (default: a new temporary folder)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for Run All, per notebook")
     parser.add_argument("--fresh", action="store_true", help="an empty output folder for each notebook")
+    parser.add_argument("--out", help="use this output folder (its finished stages are reused) instead of an empty one")
     args = parser.parse_args(argv)
 
     every = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -280,7 +292,7 @@ def main(argv=None) -> int:
 
     reports = {}
     for path in paths:
-        out = work / ("out-" + path.stem if args.fresh else "out")
+        out = Path(args.out) if args.out else work / ("out-" + path.stem if args.fresh else "out")
         report = check_notebook(path, work, out, shots, args.chromium, args.timeout)
         reports[path.name] = report
         print(json.dumps({k: v for k, v in report.items() if k != "screenshots"}), flush=True)
