@@ -24,8 +24,10 @@ from .infra.known_warnings import silence_known_library_warnings
 from .model.multi_adapter_model import AutoModelForCausalLMWithValueHead, ValueHead
 from .ppo.trainer import PPOTrainer
 from .ppo.config import PPOConfig
+from .infra.progress import text_bars_in_notebooks
 
 silence_known_library_warnings()
+text_bars_in_notebooks()  # a saved notebook must not hold widget bars (progress.py says why)
 
 __version__ = "0.1.0"
 

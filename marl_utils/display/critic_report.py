@@ -35,7 +35,7 @@ CONTROLS: dict[str, dict] = {
 }
 
 CURVES = (("env/score_mean", "reward (score)"), ("ppo/loss/value", "value loss"),
-          ("ppo/val/explained_variance", "explained variance"), ("objective/kl", "KL to reference (nats/seq)"))
+          ("ppo/val/explained_variance", "explained variance"), ("objective/kl", "KL to reference (nats per response)"))
 
 
 def critic_kwargs(label: str, reward_dir=None) -> dict:
@@ -213,7 +213,7 @@ def train_side_by_side(trainers: dict, prompts, steps: int, *, eval_prompts=None
     same load, so their seconds per step compare. Each trainer keeps random streams of its own, seeded as its
     constructor seeds them, so each run is exactly the run the trainer would make alone (tested).
     """
-    from tqdm.auto import tqdm
+    from ..infra.progress import progress_bar
 
     if steps < 1:
         raise MarlInputError(f"steps={steps}: train at least 1 step")
@@ -226,7 +226,7 @@ def train_side_by_side(trainers: dict, prompts, steps: int, *, eval_prompts=None
     for label, trainer in trainers.items():
         _seed_everything(trainer.config.seed + trainer.accelerator.process_index)
         streams[label] = _rng_state()
-    bar = tqdm(range(steps), desc="PPO, " + " | ".join(trainers), disable=not progress)
+    bar = progress_bar(range(steps), desc="PPO, " + " | ".join(trainers), disable=not progress)
     try:
         for _ in bar:
             for label, trainer in trainers.items():

@@ -1,18 +1,18 @@
 """Training curves redrawn in place while a run trains, like d2l's ProgressBoard (notebooks 01-05).
 
-    board = LiveCurves({"env/score_mean": "reward", "objective/kl": "KL (nats/seq)"}, every=5, total=50)
+    board = LiveCurves({"env/score_mean": "reward", "objective/kl": "KL (nats per response)"}, every=5, total=50)
     trainer.train(prompts, callback=board, progress=False)  # board(trainer, entry) after every step
-    board.close()                            # last redraw and a one-line summary
+    board.close()                            # last redraw and a summary: first -> last value
 
     trainer.add_callback(board.hf_callback())  # the same for a transformers Trainer (SFTTrainer, RewardTrainer)
     trainer.train(prompts, callback=board.callback("8-bit"))   # one series per run, several runs on one board
 
-In Jupyter the board is ONE output that is replaced every `every` steps: a text line (step, latest values,
-seconds per step) over a PNG of the curves. Nothing is a widget, so a saved notebook reopens with the last
-picture and line instead of "Error displaying widget" (which a tqdm widget bar leaves behind in a saved
-notebook even with leave=False: hence `progress=False` above, the board's status line is the progress bar).
-Outside a notebook (a script, a terminal, CI logs) it
-prints the text line every `every` steps instead, and draws nothing until `close()` or `figure` asks.
+In Jupyter the board is ONE output that is replaced every `every` steps: a short status table (step, seconds
+per step, the last training batch's value of every panel, one column per series) over a PNG of the curves.
+Nothing is a widget, so a saved notebook reopens with the last picture and table instead of "Error displaying
+widget" (what a tqdm widget bar leaves behind: see `marl_utils.infra.progress`; hence `progress=False` above, the
+board is the progress display). Outside a notebook (a script, a terminal, CI logs) it prints the table every
+`every` steps instead, and draws nothing until `close()` or `figure` asks.
 
 `add(values, series=...)` takes any dict of floats (a trainer's history entry, a `Trainer` log row); keys
 the board does not plot are ignored. Several series (e.g. two policies) share each panel, one colour each.
@@ -26,7 +26,14 @@ import time
 
 from ..infra.errors import MarlInputError
 
-__all__ = ["LiveCurves"]
+__all__ = ["LiveCurves", "rounded_for_reading"]
+
+
+def rounded_for_reading(value: float) -> str:
+    """A value with the digits a reader can use: 2 decimals below 10, 1 below 100, none above (-0.0679 -> -0.07)."""
+    size = abs(value)
+    text = f"{value:.2f}" if size < 10 else f"{value:.1f}" if size < 100 else f"{value:,.0f}"
+    return "0.00" if text == "-0.00" else text
 
 
 class LiveCurves:
@@ -51,6 +58,8 @@ class LiveCurves:
         self._counts: dict[str, int] = {}
         self._start = None
         self._last_step = 0.0  # the largest step seen: a Trainer logs every `logging_steps` steps, not every step
+        # where the numbers of the status table come from (a Trainer logs the mean of the steps since its last log)
+        self.source = ("Last training batch", "Training batches, first step -> last step")
         self._text_handle = self._image_handle = None
         self._figure = None
         self.closed = False
@@ -92,6 +101,7 @@ class LiveCurves:
 
         class _LiveCurvesCallback(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
+                board.source = ("Latest training log", "Training logs, first -> last")
                 if board.total is None and state.max_steps > 0:
                     board.total = state.max_steps
 
@@ -106,26 +116,42 @@ class LiveCurves:
         return _LiveCurvesCallback()
 
     # ------------------------------------------------------------------------------------------ output
-    def status_line(self, final: bool = False) -> str:
-        """'step 25/50 | reward 1.23 | KL 4.56 | 0.81 s/step' (final: first -> last value of every panel)."""
+    def status_text(self, final: bool = False) -> str:
+        """Where the run is, and the latest value of every panel and series, as a small left-aligned table:
+
+            step 25/50, 0.81 s per step. Last training batch:
+                                                  8-bit   4-bit
+            reward (score)                        1.23    1.10
+            KL to reference (nats per response)   4.56    12.4
+
+        (final: "done: 50 steps in 41 s. Training batches, first step -> last step:" and "first -> last").
+        One row per panel and one column per series, each line short enough not to wrap in a notebook; the
+        numbers are the training batches' (the held-out evaluation a notebook prints after is another sample).
+        """
         series = list(self.points)
         steps = int(self._last_step)
         seconds = time.perf_counter() - self._start if self._start is not None else 0.0
-        parts = []
+        if final:
+            head = f"done: {steps} steps in {seconds:.0f} s. {self.source[1]}:"
+        else:
+            where = f"step {steps}/{self.total}" if self.total else f"step {steps}"
+            head = f"{where}, {seconds / max(steps, 1):.2f} s per step. {self.source[0]}:"
+        rows = [[""] + series] if any(series) else []
         for key, title in self.panels.items():
+            cells = []
             for name in series:
                 curve = self.points[name][key]
                 if not curve:
-                    continue
-                label = f"{title} ({name})" if name else title
-                parts.append(f"{label} {curve[0][1]:.3g} -> {curve[-1][1]:.3g}" if final
-                             else f"{label} {curve[-1][1]:.3g}")
-        if final:
-            head = f"done: {steps} steps in {seconds:.0f} s"
-        else:
-            head = f"step {steps}/{self.total}" if self.total else f"step {steps}"
-            parts.append(f"{seconds / max(steps, 1):.2f} s/step")
-        return " | ".join([head] + parts)
+                    cells.append("-")
+                elif final:
+                    cells.append(f"{rounded_for_reading(curve[0][1])} -> {rounded_for_reading(curve[-1][1])}")
+                else:
+                    cells.append(rounded_for_reading(curve[-1][1]))
+            if any(cell != "-" for cell in cells):
+                rows.append([title] + cells)
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))] if rows else []
+        lines = ["   ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        return "\n".join([head] + lines)
 
     @property
     def figure(self):
@@ -147,15 +173,15 @@ class LiveCurves:
         if not self.points:
             return
         if self.notebook:
-            self._update_notebook(self.status_line(final=True))
+            self._update_notebook(self.status_text(final=True))
         else:
-            print(self.status_line(final=True), flush=True)
+            print(self.status_text(final=True), flush=True)
 
     def _show(self) -> None:
         if self.notebook:
-            self._update_notebook(self.status_line())
+            self._update_notebook(self.status_text())
         else:
-            print(self.status_line(), flush=True)
+            print(self.status_text(), flush=True)
 
     def _update_notebook(self, line: str) -> None:
         from IPython.display import Image, display

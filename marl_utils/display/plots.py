@@ -97,7 +97,7 @@ def plot_curves(history: list[dict], keys, *, x_key: str | None = None, titles=N
 
 
 PPO_DIAGNOSTICS = {
-    "objective/kl": "KL to reference (nats/seq), beta",
+    "objective/kl": "KL to reference (nats per response), beta",
     "ppo/policy/approxkl": "approx KL (old vs new policy)",
     "ppo/policy/clipfrac": "clip fraction",
     "objective/entropy": "entropy (nats/token)",

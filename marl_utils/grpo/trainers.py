@@ -189,9 +189,11 @@ def quiet_trl():
     """Silence exactly the notices TRL and transformers print for settings this module chose on purpose."""
     from transformers.utils import logging as hf_logging
 
+    from ..infra.progress import no_library_bars
+
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "model_init_kwargs ignored"-style info lines about an instantiated model
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), no_library_bars():  # TRL's dataset preparation (map) shows bars
         # TRL 1.16 reads model.is_gradient_checkpointing around every generate; transformers 5 deprecated that
         # name. It is TRL's call, not the learner's, and says nothing about this run.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
@@ -278,9 +280,9 @@ def replace_progress_bar(trainer, algo: str, progress: bool) -> None:
 
     class RoundBar(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            from tqdm.auto import tqdm
+            from ..infra.progress import progress_bar
 
-            self.bar = tqdm(total=state.max_steps, desc=algo.upper(), disable=not progress)
+            self.bar = progress_bar(total=state.max_steps, desc=algo.upper(), disable=not progress)
 
         def on_step_end(self, args, state, control, **kwargs):
             self.bar.update(state.global_step - self.bar.n)

@@ -34,6 +34,7 @@ class Profile:
 
     # Stage 1: SFT
     sft_max_length: int = 128
+    """Tokens per training review; longer reviews are cut."""
     sft_epochs: float = 1.0
     """Fewest passes over the training reviews (more when `sft_token_budget` asks for them)."""
     sft_token_budget: int | None = 250_000
@@ -44,7 +45,9 @@ class Profile:
     """Most passes the token budget may ask for (a small dataset read 50 times is learnt by heart)."""
     sft_max_steps: int = -1
     sft_batch_size: int = 16
+    """Reviews per optimizer step."""
     sft_learning_rate: float = 2e-3
+    """Peak AdamW learning rate of SFT (full fine-tuning of the base)."""
     sft_max_train_examples: int | None = None
     sft_eval_examples: int = 200
     """Held-out reviews for the perplexity before and after SFT (the same texts both times)."""
@@ -63,6 +66,7 @@ class Profile:
     """Prefix lengths of the truncated pairs added to training: PPO scores short texts."""
     reward_eval_prefix_tokens: int = 24
     reward_lora_r: int = 16
+    """Rank of the reward adapter's LoRA matrices."""
     reward_lora_alpha: int = 32
     reward_lora_embeddings: bool = True
     """Also give the input embeddings a LoRA in the reward adapter (besides every linear layer). A base trained
@@ -79,8 +83,11 @@ class Profile:
     """Most passes the pair budget may ask for."""
     reward_max_steps: int = -1
     reward_batch_size: int = 16
+    """Preference pairs (chosen, rejected) per optimizer step."""
     reward_learning_rate: float = 3e-3
+    """Peak AdamW learning rate of the reward adapter and its score head."""
     reward_train_pairs: int = 2000
+    """Full-review preference pairs (a positive review chosen over a negative one) to train on."""
     reward_eval_pairs: int = 400
     """Held-out pairs for the accuracy after training and for the untrained baseline (the same pairs)."""
     reward_min_accuracy: float = 0.95
@@ -115,7 +122,7 @@ class Profile:
     ppo_value_head_learning_rate: float | None = None
     """PPOConfig.value_head_learning_rate (the value head's own Adam group); None = `ppo_learning_rate`."""
     ppo_min_reward_gain: float = 1.25
-    """Bars notebook 03 asserts: eval reward gain at least this, final KL (nats/sequence) at most ppo_max_kl. (tiny:
+    """Bars notebook 03 asserts: eval reward gain at least this, final KL (nats per response) at most ppo_max_kl. (tiny:
     +2.01 with notebook 03's own 2,000 prompts; with the prompt pool of build_ppo_parts the notebook measured
     +1.57 and the same settings in scripts/kl_role.py +1.34, so 1.5 left no room)"""
     ppo_max_kl: float = 15.0
@@ -129,7 +136,7 @@ class Profile:
     between prompt samples is that large; bitsandbytes' CPU kernels also differ between CPUs. Still above
     ppo_no_learning_gain, as the gpt2-imdb bar)"""
     ppo_quantized_max_kl: float = 20.0
-    """... and final KL (nats/sequence) at most this (quantization noise makes the policy drift further)."""
+    """... and final KL (nats per response) at most this (quantization noise makes the policy drift further)."""
     ppo_multi_min_gain: float = 1.0
     """Bars of notebook 05: the policy trained on +score gains at least this much eval score, ..."""
     ppo_multi_max_neg_change: float = -0.5
@@ -150,7 +157,7 @@ class Profile:
     """Bar of notebook 06: every critic's eval reward gain is at least this (tiny, 3 seeds x 30 steps: 1.47 to
     1.92), ..."""
     critic_max_kl: float = 15.0
-    """... its final KL (nats/sequence) at most this (tiny: 7.0 to 11.5), ..."""
+    """... its final KL (nats per response) at most this (tiny: 7.0 to 11.5), ..."""
     critic_min_early_ev_lead: float = 0.15
     """... and over the first `critic_window` steps, the critic started from the reward adapter explains at least
     this much more of the returns' variance than the fresh critic adapter: it already knows what scores well

@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from ..infra.errors import MarlInputError
+from ..infra.progress import no_library_bars
 
 PIP_HINT = "`pip install bitsandbytes`"
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code", "subfolder")
@@ -154,4 +155,5 @@ def load_base(name, bnb_config, kwargs: dict):
         if torch.cuda.is_available() and "device_map" not in kwargs:
             # bitsandbytes quantizes on the device the weights load to: one GPU per process.
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
-    return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    with no_library_bars():  # "Loading weights 29/29" says nothing to the learner (and was a widget in Jupyter)
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)

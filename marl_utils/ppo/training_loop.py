@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..infra.errors import MarlInputError
+from ..infra.progress import progress_bar
 from .checkpoint import latest_checkpoint, load_checkpoint, prompts_fingerprint, save_checkpoint
 from .inputs import check_step_inputs, check_token_lists
 from .maths import build_rollout_batch
@@ -41,7 +41,7 @@ def run_training(trainer, prompts=None, steps=None, eval_prompts=None, callback=
     show = progress and trainer.accelerator.is_main_process
     # leave=False: the bar (a widget in Jupyter) goes away when done and a line of text stays, so a saved
     # notebook reopens without "Error displaying widget"
-    bar = tqdm(total=total, initial=min(trainer.step_count, total), desc="PPO", disable=not show, leave=False)
+    bar = progress_bar(total=total, initial=min(trainer.step_count, total), desc="PPO", disable=not show, leave=False)
     trainer._progress = bar
     try:
         while trainer.step_count < total:

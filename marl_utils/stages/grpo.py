@@ -107,7 +107,7 @@ def train_grpo(profile, output_dir=None, dataset=None, *, algo: str = "grpo", se
         run["model"].save_pretrained(tmp)  # the policy adapter (+ its untouched value head), for from_pretrained
         run["tokenizer"].save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-    print(f"stage 3 ({algo.upper()}) done in {metrics['seconds']:.0f}s: eval reward "
-          f"{metrics['eval_reward_before']:.2f} -> {metrics['eval_reward_after']:.2f}, KL {metrics['kl_final']:.2f} "
-          f"nats, {metrics['response_tokens_mean']:.1f} tokens/response -> {final}")
+    print(f"stage 3 ({algo.upper()}) done in {metrics['seconds']:.0f} s: held-out eval reward "
+          f"{metrics['eval_reward_before']:.2f} -> {metrics['eval_reward_after']:.2f}, KL {metrics['kl_final']:.1f} "
+          f"nats per response, {metrics['response_tokens_mean']:.1f} tokens per response\n  saved in {final}")
     return GRPOResult(final, metrics, metrics["history"])

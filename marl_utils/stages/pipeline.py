@@ -24,7 +24,7 @@ def save_plots(out: Path, sft_metrics: dict, reward_metrics: dict, ppo_metrics: 
     plot_curves(reward_metrics.get("log_history", []), ["loss", "accuracy"], x_key="step",
                 titles=["reward pairwise loss", "reward pair accuracy"], save_to=paths[1])
     plot_curves(ppo_metrics.get("history", []), ["env/score_mean", "objective/kl", "ppo/response_tokens_mean"],
-                titles=["reward (score)", "KL to reference (nats/seq)", "response length (tokens)"],
+                titles=["reward (score)", "KL to reference (nats per response)", "response length (tokens)"],
                 save_to=paths[2], smooth=3)
     return paths
 

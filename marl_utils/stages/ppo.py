@@ -77,9 +77,9 @@ def train_ppo(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0,
             trainer.model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-        print(f"stage 3 (PPO) done in {metrics['seconds']:.0f}s: eval reward {metrics['eval_reward_before']:.2f} -> "
-              f"{metrics['eval_reward_after']:.2f}{_gold_text(metrics)}, KL {metrics['kl_final']:.2f} nats, "
-              f"{metrics['response_tokens_mean']:.1f} tokens/response -> {final}")
+        print(f"stage 3 (PPO) done in {metrics['seconds']:.0f} s: held-out eval reward {metrics['eval_reward_before']:.2f} "
+              f"-> {metrics['eval_reward_after']:.2f}{_gold_text(metrics)}, KL {metrics['kl_final']:.1f} nats per "
+              f"response, {metrics['response_tokens_mean']:.1f} tokens per response\n  saved in {final}")
         if metrics["learning_note"]:
             print(f"NOTE: {metrics['learning_note']}")
     trainer.accelerator.wait_for_everyone()

@@ -343,10 +343,10 @@ def finish_reward(inputs: RewardInputs, trainer) -> RewardResult:
         model.save_pretrained(tmp, save_embedding_layers=False)
         tokenizer.save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"stage 2 (reward adapter) done in {metrics['seconds']:.0f}s: held-out accuracy "
+    print(f"stage 2 (reward adapter) done in {metrics['seconds']:.0f} s: held-out accuracy "
           f"{metrics['eval_accuracy']:.3f} (untrained {metrics['untrained_accuracy']:.3f}), "
           f"{prefix}-token prefixes {metrics['eval_prefix_accuracy']:.3f}, {metrics['epochs']:.1f} epochs over "
-          f"{metrics['train_pairs']:,} pairs -> {final}")
+          f"{metrics['train_pairs']:,} pairs\n  saved in {final}")
     if metrics["learning_note"]:
         print(f"NOTE: {metrics['learning_note']}")
     return RewardResult(final, metrics, log_history)
@@ -385,7 +385,7 @@ def train_reward_adapter(profile: Profile, output_dir=None, dataset=None, *, sft
     """
     done = None if force else finished_reward(output_dir, profile)
     if done is not None:
-        print(f"stage 2 (reward adapter) already done: {done.adapter_dir}")
+        print(f"stage 2 (reward adapter) already done, reused:\n  {done.adapter_dir}")
         return done
 
     from trl import RewardTrainer

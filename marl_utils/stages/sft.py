@@ -93,7 +93,7 @@ def ensure_base(profile: Profile, out: Path, train_texts) -> str:
 
         sizes = dict(profile.tiny_model)
         vocab_size = sizes.pop("vocab_size", 2048)
-        print(f"building the tiny base (tokenizer + Llama-style model) in {base_dir}")
+        print(f"building the tiny base (tokenizer + Llama-style model) in\n  {base_dir}")
         with quiet_trainer_setup():
             build_tiny_base(base_dir, train_texts, vocab_size=vocab_size, **sizes)
     return str(base_dir)
@@ -289,9 +289,9 @@ def finish_sft(inputs: SFTInputs, trainer) -> SFTResult:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"stage 1 (SFT) done in {metrics['seconds']:.0f}s: held-out perplexity {ppl:.2f} "
+    print(f"stage 1 (SFT) done in {metrics['seconds']:.0f} s: held-out perplexity {ppl:.2f} "
           f"(before: {metrics['eval_perplexity_before']:.0f}), {metrics['epochs']:.1f} epochs over "
-          f"{metrics['train_tokens']:,} tokens -> {final}")
+          f"{metrics['train_tokens']:,} tokens\n  saved in {final}")   # a path on its own line: no mid-word wrap
     if metrics["learning_note"]:
         print(f"NOTE: {metrics['learning_note']}")
     return SFTResult(final, metrics, log_history)
@@ -329,7 +329,7 @@ def train_sft(profile: Profile, output_dir=None, dataset=None, *, seed: int = 0,
     """
     done = None if force else finished_sft(output_dir, profile)
     if done is not None:
-        print(f"stage 1 (SFT) already done: {done.model_dir}")
+        print(f"stage 1 (SFT) already done, reused:\n  {done.model_dir}")
         return done
 
     from trl import SFTTrainer

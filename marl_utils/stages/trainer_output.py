@@ -23,23 +23,17 @@ def quiet_trainer_setup():
     configs use transformers' new name `activation_checkpointing`, so its `gradient_checkpointing` deprecation
     warning never appears.
     """
-    import datasets
     from transformers.utils import logging as hf_logging
 
+    from ..infra.progress import no_library_bars
+
     verbosity = hf_logging.get_verbosity()
-    bars_were_on = not datasets.are_progress_bars_disabled()
-    hf_bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
     try:
-        yield
+        with no_library_bars():
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        if bars_were_on:
-            datasets.enable_progress_bars()
-        if hf_bars_were_on:
-            hf_logging.enable_progress_bar()
 
 
 class LossProgressBar(TrainerCallback):
@@ -49,10 +43,10 @@ class LossProgressBar(TrainerCallback):
         self.desc, self.bar = desc, None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
+        from ..infra.progress import progress_bar  # text, never a widget that a reopened notebook cannot draw
 
         if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, desc=self.desc, dynamic_ncols=True)
+            self.bar = progress_bar(total=state.max_steps, desc=self.desc)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -261,7 +261,7 @@ def plot_parity(rows: list[dict], *, smooth: int = 3, save_to=None, title: str |
     from ..display.plots import _save, _smooth
 
     panels = (("env/score_mean", "proxy reward (reward adapter)"), ("env/gold_mean", "gold reward (grammar)"),
-              ("objective/kl", "KL to reference (nats/seq)"))
+              ("objective/kl", "KL to reference (nats per response)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     layouts = list(dict.fromkeys(row["layout"] for row in rows))

@@ -23,9 +23,10 @@ def test_text_fallback_prints_every_n_steps_and_a_summary(capsys):
         board(None, entry(step, step / 10))
     board.close()
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split(" | ")[0] for line in lines] == ["step 2/5", "step 4/5", "done: 5 steps in 0 s"]
-    assert "reward 0.4" in lines[1] and "KL 2" in lines[1] and "s/step" in lines[1]
-    assert "reward 0.1 -> 0.5" in lines[2] and "KL 0.5 -> 2.5" in lines[2]
+    assert [line.split(",")[0].split(".")[0] for line in lines[::3]] == ["step 2/5", "step 4/5", "done: 5 steps in 0 s"]
+    assert lines[3] == "step 4/5, 0.00 s per step. Last training batch:"
+    assert lines[4].split() == ["reward", "0.40"] and lines[5].split() == ["KL", "2.00"]
+    assert lines[7].split() == ["reward", "0.10", "->", "0.50"] and lines[8].split() == ["KL", "0.50", "->", "2.50"]
     board.close()  # a second close prints nothing more
     assert capsys.readouterr().out == ""
 
@@ -81,7 +82,30 @@ def test_hf_callback_feeds_logged_rows():
     callback.on_log(args, state, TrainerControl(), logs={"train_runtime": 3.0})
     assert board.total == 30
     assert board.points[""]["loss"] == [(10.0, 2.5)]
-    assert board.status_line().startswith("step 20/30")  # the Trainer's step, not the number of logged rows
+    assert board.status_text().startswith("step 20/30")  # the Trainer's step, not the number of logged rows
+    assert "Latest training log:" in board.status_text()   # a logged row is a mean over steps, not one batch
+
+
+def test_status_is_a_left_aligned_table_that_fits_a_notebook_line():
+    board = LiveCurves({"env/score_mean": "reward (score)", "objective/kl": "KL to reference (nats per response)"},
+                       every=100, total=50, notebook=False)
+    for step in range(1, 4):
+        board.callback("8-bit")(None, {"step": step, "env/score_mean": -0.0679 * step, "objective/kl": 4.56 * step})
+        board.callback("4-bit")(None, {"step": step, "env/score_mean": 1.8123, "objective/kl": float("nan")})
+    head, columns, reward, kl = board.status_text(final=True).splitlines()
+    assert head.startswith("done: 3 steps in") and head.endswith("Training batches, first step -> last step:")
+    assert columns.split() == ["8-bit", "4-bit"]
+    assert reward.split() == ["reward", "(score)", "-0.07", "->", "-0.20", "1.81", "->", "1.81"]
+    assert kl.split()[-4:] == ["4.56", "->", "13.7", "-"]   # 2 decimals below 10, 1 below 100; "-": no value
+    assert reward.index("-0.07") == kl.index("4.56") == columns.index("8-bit")   # columns line up, left-aligned
+    assert max(len(line) for line in board.status_text(final=True).splitlines()) <= 90
+
+
+def test_rounded_for_reading():
+    from marl_utils.display.live_curves import rounded_for_reading
+
+    assert [rounded_for_reading(v) for v in (-0.0679, -0.001, 9.994, 10, 11.44, 123.4, 3363456)] == \
+        ["-0.07", "0.00", "9.99", "10.0", "11.4", "123", "3,363,456"]
 
 
 def test_save_writes_a_png(tmp_path):
