@@ -1,6 +1,6 @@
 """The architecture matrix: every causal-LM family a user is likely to bring gives a correct PPO step.
 
-One tiny random model per family (tests/architectures.py: distinctive features at their released values,
+One tiny random model per family (tests/support/architectures.py: distinctive features at their released values,
 logits scaled so that skipping a softcap or a logit scale shows), each with a stage-2-style reward adapter,
 LoRA on every linear layer (attention only for the MoE), float32. For each family:
 
