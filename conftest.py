@@ -9,7 +9,10 @@ roughly halves the wall time. The notebooks need care, because they share one ou
   file from the start of 01 to the end of 02. Every later notebook waits for that lock before it starts, so it
   never trains the stages a second time beside 02, or reads a half-finished stage.
 - Every test file is its own work unit (module-scoped fixtures, e.g. the widget test's one kernel, run once).
-- The later notebooks come last, longest first, so that neither worker sits idle at the end.
+- Order: 01-02, the slowest test files (beside 01-02), the later notebooks longest first, then the many short
+  test files, which even out the two workers at the end.
+- One thread per worker (OMP_NUM_THREADS=1, inherited by the notebook kernels): the tiny models run as fast on
+  one, and two workers of two threads on two cores would spin-wait on each other.
 
 Without xdist (a plain `pytest ...`) the same order holds and the lock is never contended.
 """
@@ -25,7 +28,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent
 STAGE_NOTEBOOKS = ("01_", "02_")
 # Later notebooks, longest first (tiny profile, measured on a 2-core CPU); one not listed runs after these.
-LATER_NOTEBOOKS = ("06_", "04_", "03_", "07_", "05_", "08_")
+LATER_NOTEBOOKS = ("06_", "07_", "04_", "05_", "03_", "08_")
+# The slowest test files (~420 s together of ~650 s): they run while 01-02 train the stages, so that the later
+# notebooks start when the stages are there; the many short test files come last and even out the two workers.
+FIRST_TESTS = ("tests/notebooks/test_notebook_widgets.py", "tests/bench/test_bench.py", "tests/ppo/test_distributed.py",
+               "tests/ppo/test_ppo_checkpoint.py", "tests/model/test_architectures.py")
 
 try:
     import fcntl
@@ -45,24 +52,33 @@ def _lock_path() -> Path:
     return out / ".notebook-stages.lock"
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per worker, for the tests and for the notebook kernels this worker starts (they inherit it):
+    # two workers of two OpenMP threads each on two cores spin-wait on each other (a stage trained 4x slower).
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_itemcollected(item):
+    # Marked as each item is collected: xdist reads the marks in its own pytest_collection_modifyitems
+    name = _notebook(item)
+    if name is not None and name.startswith(STAGE_NOTEBOOKS):
+        group = "notebook-stages"
+    else:
+        group = str(getattr(item, "path", item.nodeid))   # one unit per file
+    item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_collection_modifyitems(config, items):
     def rank(item):
         name = _notebook(item)
         if name is None:
-            return (1, 0)
+            return (1, 0) if item.nodeid.startswith(FIRST_TESTS) else (3, 0)
         if name.startswith(STAGE_NOTEBOOKS):
             return (0, 0)
         later = [i for i, prefix in enumerate(LATER_NOTEBOOKS) if name.startswith(prefix)]
         return (2, later[0] if later else len(LATER_NOTEBOOKS))
 
     items.sort(key=rank)  # stable: tests keep their order
-    for item in items:
-        name = _notebook(item)
-        if name is not None and name.startswith(STAGE_NOTEBOOKS):
-            group = "notebook-stages"
-        else:
-            group = str(getattr(item, "path", item.nodeid))   # one unit per file
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 _held = {"file": None, "left": 0}

@@ -27,17 +27,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 FIRST = [p for p in NOTEBOOKS if p.name.startswith("03_")] + [p for p in NOTEBOOKS if not p.name.startswith("03_")]
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
-# The same code path at the size of tests/test_stages.py: seconds per stage instead of minutes.
-SHRINK = """
-import marl_utils.infra.profiles as _profiles
-_profiles.PROFILES["tiny"] = _profiles.PROFILES["tiny"].replace(
-    sft_max_steps=4, sft_batch_size=8, sft_max_train_examples=64, sft_eval_examples=8, sft_max_length=48,
-    reward_max_steps=3, reward_batch_size=8, reward_train_pairs=24, reward_eval_pairs=8, reward_max_length=48,
-    ppo_steps=2, critic_ppo_steps=2, critic_window=1, ppo_batch_size=8, ppo_mini_batch_size=4, ppo_epochs=1,
-    ppo_eval_prompts=8, ppo_max_new_tokens=6, ppo_min_response_tokens=3, ppo_save_every=100,
-    tiny_model=dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128))
-"""
+from small_profiles import SHRUNK_TINY_CELL as SHRINK   # the same code path, seconds per stage
 
 
 def widget_outputs(cells) -> list[tuple[int, str]]:

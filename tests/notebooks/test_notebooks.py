@@ -5,16 +5,15 @@ a missing header figure fails fast and says where.
 """
 
 import ast
-import importlib.util
 import json
 import re
-import sys
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from marl_utils.infra.profiles import Profile
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -151,11 +150,7 @@ def test_roles_diagram_is_in_the_readme_and_notebook_03():
 
 @pytest.fixture(scope="module")
 def make_figures():
-    spec = importlib.util.spec_from_file_location("make_figures", ROOT / "scripts" / "make_figures.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_figures"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_figures")
 
 
 def test_make_figures_fills_the_header_markers(make_figures):

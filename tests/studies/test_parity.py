@@ -1,17 +1,16 @@
 """Parity over seeds (marl_utils.studies.parity, scripts/parity.py): the statistics, the verdicts, the saved runs, one run."""
 
-import importlib.util
 import json
 import math
 import os
 import random
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig
 from transformers import AutoTokenizer
+from script_loader import load_script
 from stand_ins import LORA_TARGETS, make_reward_adapter, make_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,14 +22,10 @@ from marl_utils.ppo.config import PPOConfig
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "parity.py"
 
 
 def script():
-    spec = importlib.util.spec_from_file_location("parity_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("parity")
 
 
 @pytest.mark.parametrize("p, df, expected", [(0.975, 4, 2.776), (0.975, 10, 2.228), (0.975, 1, 12.706),
