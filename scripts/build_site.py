@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 MATHJAX_CONFIG = "TeX-AMS-MML_HTMLorMML-full,Safe"
 NO_FAVICON = '<link rel="icon" href="data:,">'
+ASSISTIVE_MATHML_FONTS = "<style>.MJX_Assistive_MathML [mathvariant] { font-family: inherit !important; }</style>"
 # MathJax 2 declares a placeholder web font at about:blank; Chromium logs that it refuses it. Harmless (the same
 # happens with MathJax from its CDN), so the check does not count it.
 BENIGN = ("about:blank",)
@@ -128,6 +129,10 @@ def to_html(nb, repo_url: str, mathjax_url: str) -> str:
         # The packaged MathJax carries the STIX-Web fonts only: say so, or it asks for its TeX fonts (missing)
         body = body.replace("MathJax.Hub.Config({", 'MathJax.Hub.Config({"HTML-CSS": {availableFonts: [], '
                             'preferredFont: null, webFont: "STIX-Web", imageFont: null},', 1)
+        # MathJax also hides a MathML copy of each formula in the page for screen readers; its styles give
+        # letters like \mathbb{E} the TeX fonts by name, which the browser then fetches (404). A reader never sees
+        # that copy, so it keeps the page's font and asks for nothing.
+        body = body.replace("</head>", f"{ASSISTIVE_MATHML_FONTS}\n</head>", 1)
     # The Colab badge is a picture from Google: a plain link instead
     body = re.sub(r'<img[^>]*colab-badge\.svg[^>]*/?>', "Open in Colab", body)
 

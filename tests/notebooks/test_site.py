@@ -7,6 +7,8 @@ they do is nbmake's business, not the site's), through the script's own function
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +85,33 @@ def test_a_redrawn_progress_line_shows_its_last_state(build_site):
                     nbformat.v4.new_output("stream", name="stdout", text="\rSFT: 100%|##| 10/10 done\n")]
     page = build_site.to_html(nbformat.v4.new_notebook(cells=[cell]), "https://example.org/repo", "mathjax/MathJax.js")
     assert "10/10 done" in page and "1/10" not in page
+
+
+FORMULA = r"The objective $\mathbb{E}[r] - \beta\,\mathrm{KL}$ and $\mathcal{L}$."   # AMS and script letters
+
+
+def formula_page(build_site):
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(FORMULA)])
+    return build_site.to_html(notebook, "https://example.org/repo",
+                              f"mathjax/MathJax.js?config={build_site.MATHJAX_CONFIG}")
+
+
+def test_the_hidden_mathml_copy_keeps_the_page_font(build_site):
+    # MathJax hides a MathML copy of each formula for screen readers, styled with TeX fonts the packaged
+    # MathJax does not have (a 404 per font): the page gives that copy its own font
+    assert build_site.ASSISTIVE_MATHML_FONTS in formula_page(build_site)
+
+
+def test_a_page_with_formulas_opens_in_chromium_without_a_problem(build_site, tmp_path):
+    pytest.importorskip("playwright", reason="the browser check needs playwright (pip install -e '.[site]')")
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("no /usr/bin/chromium (Debian: apt-get install chromium)")
+    mathjax = build_site.local_mathjax()
+    if mathjax is None:
+        pytest.skip("jupyter-server-mathjax is not installed (pip install -e '.[site]')")
+    site = tmp_path / "site"
+    shutil.copytree(mathjax, site / "mathjax")
+    (site / "formula.html").write_text(formula_page(build_site), encoding="utf-8")
+    assert build_site.check_site(site, log=lambda *a, **k: None) == []
