@@ -27,8 +27,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent
 STAGE_NOTEBOOKS = ("01_", "02_")
-# Later notebooks, longest first (tiny profile, measured on a 2-core CPU); one not listed runs after these.
-LATER_NOTEBOOKS = ("06_", "07_", "04_", "05_", "03_", "08_")
+# Later notebooks, longest first (tiny profile, CI log of 2026-12-03: 04 265 s, 07 242, 06 224, 05 177, 08 145,
+# 03 112); one not listed runs after these.
+LATER_NOTEBOOKS = ("04_", "07_", "06_", "05_", "08_", "03_")
 # The slowest test files (~420 s together of ~650 s): they run while 01-02 train the stages, so that the later
 # notebooks start when the stages are there; the many short test files come last and even out the two workers.
 FIRST_TESTS = ("tests/notebooks/test_notebook_widgets.py", "tests/bench/test_bench.py", "tests/ppo/test_distributed.py",

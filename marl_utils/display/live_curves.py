@@ -3,6 +3,7 @@
     board = LiveCurves({"env/score_mean": "reward", "objective/kl": "KL (nats per response)"}, every=5, total=50)
     trainer.train(prompts, callback=board, progress=False)  # board(trainer, entry) after every step
     board.close()                            # last redraw and a summary: first -> last value
+    board.replay(saved_log_rows, seconds=60)   # a run finished earlier (a reused stage): drawn once, closed
 
     trainer.add_callback(board.hf_callback())  # the same for a transformers Trainer (SFTTrainer, RewardTrainer)
     trainer.train(prompts, callback=board.callback("8-bit"))   # one series per run, several runs on one board
@@ -63,6 +64,7 @@ class LiveCurves:
         self._text_handle = self._image_handle = None
         self._figure = None
         self.closed = False
+        self._replaying, self._replayed_seconds = False, None
 
     # ------------------------------------------------------------------------------------------ feeding
     def add(self, values: dict, *, step=None, series: str = "") -> None:
@@ -79,8 +81,24 @@ class LiveCurves:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 curves[key].append((x, float(value)))
         # with several series (two policies taking turns) redraw once all of them have reported the step
-        if series == list(self._counts)[-1] and count % self.every == 0:
+        if not self._replaying and series == list(self._counts)[-1] and count % self.every == 0:
             self._show()
+
+    def replay(self, rows, *, seconds: float | None = None, series: str = "") -> None:
+        """Draw a finished run from its saved log rows (a stage reused from disk), once, then close the board.
+
+        The summary says the curves come from the saved run and how long that stage took (`seconds`, when it
+        recorded it), not how long the replay took.
+        """
+        self.source = ("Saved training log", "Saved training logs, first -> last")
+        self._replayed_seconds = seconds
+        self._replaying = True
+        try:
+            for row in rows:
+                self.add(row, step=row.get("step"), series=series)
+        finally:
+            self._replaying = False
+        self.close()
 
     def __call__(self, trainer, entry: dict) -> None:
         """`PPOTrainer.train(callback=board)`: one history entry per step. Returns None: never stops training."""
@@ -131,7 +149,10 @@ class LiveCurves:
         series = list(self.points)
         steps = int(self._last_step)
         seconds = time.perf_counter() - self._start if self._start is not None else 0.0
-        if final:
+        if final and self.source[0] == "Saved training log":
+            took = f" (the stage took {self._replayed_seconds:.0f} s)" if self._replayed_seconds is not None else ""
+            head = f"from the saved run: {steps} steps{took}. {self.source[1]}:"
+        elif final:
             head = f"done: {steps} steps in {seconds:.0f} s. {self.source[1]}:"
         else:
             where = f"step {steps}/{self.total}" if self.total else f"step {steps}"

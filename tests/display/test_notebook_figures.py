@@ -68,6 +68,28 @@ def test_notebook_mode_updates_one_display_in_place(monkeypatch):
     assert all(img.data.startswith(b"\x89PNG") for img in updated if not isinstance(img, dict))
 
 
+def test_replay_of_a_saved_run_draws_once_and_says_where_it_came_from(monkeypatch):
+    shown, updated = [], []
+
+    class Handle:
+        def update(self, obj, **kwargs):
+            updated.append(obj)
+
+    def fake_display(obj, **kwargs):
+        shown.append(obj)
+        return Handle()
+
+    import IPython.display
+
+    monkeypatch.setattr(IPython.display, "display", fake_display)
+    board = LiveCurves({"loss": "training loss"}, every=2, notebook=True)
+    board.replay([{"step": 10 * i, "loss": 3.0 - 0.1 * i} for i in range(1, 26)], seconds=63.4)
+    assert board.closed and len(shown) == 2 and updated == []   # one picture and one summary, no redraw per row
+    summary = shown[0]["text/plain"]
+    assert summary.startswith("from the saved run: 250 steps (the stage took 63 s). Saved training logs"), summary
+    assert "2.90 -> 0.50" in summary
+
+
 def test_hf_callback_feeds_logged_rows():
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
