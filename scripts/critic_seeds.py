@@ -23,11 +23,9 @@ def main(argv=None) -> int:
 
     from marl_utils.infra.atomic import atomic_write_json
     from marl_utils.display.critic_report import CONTROLS, CRITICS, format_seed_table, run_critics, seed_table, summarize
-    from marl_utils.data.loading import load_imdb
     from marl_utils.infra.errors import MarlInputError
-    from marl_utils.stages.ppo_parts import ensure_earlier_stages, policy_lora_config, ppo_config
+    from marl_utils.stages.ppo_parts import ensure_earlier_stages, policy_lora_config, ppo_config, ppo_prompts
     from marl_utils.infra.profiles import resolve_profile
-    from marl_utils.data.prompts import load_prompts
     from marl_utils.infra.runs import prepare_run_dir, stage_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,11 +53,8 @@ def main(argv=None) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(sft_dir)
-        data = load_imdb(profile.dataset)
-        lo, hi = profile.ppo_prompt_tokens
-        prompts = load_prompts(data["train"]["text"], tokenizer, min_tokens=lo, max_tokens=hi, n=2000, seed=0)
-        eval_prompts = load_prompts(data["test"]["text"], tokenizer, min_tokens=lo, max_tokens=hi,
-                                    n=profile.ppo_eval_prompts, seed=1)
+        tokenizer.padding_side = "left"
+        prompts, eval_prompts = ppo_prompts(profile, tokenizer, steps=steps)   # notebook 06's prompts (seed 0)
     except MarlInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -86,17 +86,17 @@ def ensure_earlier_stages(profile: Profile, out: Path, dataset=None, seed: int =
 
 
 def build_ppo_parts(profile: Profile, out: Path, dataset=None, seed: int = 0, quantization: str | None = None,
-                    steps: int | None = None, policy_adapter_name: str = "default"):
+                    steps: int | None = None, policy_adapter_name: str = "default", **model_options):
     """Model (policy + value head + reward adapter on one base), tokenizer, config and prompts.
 
-    Notebooks 03, 04, 05 and 07 and `marl ppo` start from these parts, so they sample from the same prompts.
+    Notebooks 03-07 and `marl ppo` start from these parts, so they sample from the same prompts. `model_options`
+    go to `AutoModelForCausalLMWithValueHead.from_pretrained` (notebook 06: `critic="adapter"`, ...); the same
+    `seed` gives the same fresh policy adapter whatever they are.
     """
     import torch
     from transformers import AutoTokenizer
 
-    from ..data.loading import load_imdb
     from ..model.multi_adapter_model import AutoModelForCausalLMWithValueHead
-    from ..data.prompts import load_prompts
 
     sft_dir, reward_dir = stage_dir(out, "sft"), stage_dir(out, "reward_adapter")
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
@@ -105,14 +105,28 @@ def build_ppo_parts(profile: Profile, out: Path, dataset=None, seed: int = 0, qu
     model = AutoModelForCausalLMWithValueHead.from_pretrained(
         str(sft_dir), peft_config=policy_lora_config(profile), reward_adapter=str(reward_dir),
         load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit",
-        policy_adapter_name=policy_adapter_name,
+        policy_adapter_name=policy_adapter_name, **model_options,
     )
+    prompts, eval_prompts = ppo_prompts(profile, tokenizer, dataset, seed, steps,
+                                        max_context=getattr(model.config, "max_position_embeddings", None))
+    return model, tokenizer, ppo_config(profile, seed, steps), prompts, eval_prompts
+
+
+def ppo_prompts(profile: Profile, tokenizer, dataset=None, seed: int = 0, steps: int | None = None,
+                max_context: int | None = None):
+    """(training prompts, held-out prompts): review openings cut at `profile.ppo_prompt_tokens` tokens.
+
+    The training pool holds 4 batches' worth of prompts per step (at least 256; fewer if the dataset runs out), so
+    a run rarely sees a prompt twice; the held-out prompts come from the test split.
+    """
+    from ..data.loading import load_imdb
+    from ..data.prompts import load_prompts
+
     data = load_imdb(dataset or profile.dataset, seed=seed)
     lo, hi = profile.ppo_prompt_tokens
-    context = getattr(model.config, "max_position_embeddings", None)
     prompts = load_prompts(data["train"]["text"], tokenizer, min_tokens=lo, max_tokens=hi, seed=seed,
                            n=max(4 * profile.ppo_batch_size * (steps or profile.ppo_steps), 256),
-                           max_context=context)
+                           max_context=max_context)
     eval_prompts = load_prompts(data["test"]["text"], tokenizer, min_tokens=lo, max_tokens=hi, seed=seed + 1,
-                                n=profile.ppo_eval_prompts, max_context=context)
-    return model, tokenizer, ppo_config(profile, seed, steps), prompts, eval_prompts
+                                n=profile.ppo_eval_prompts, max_context=max_context)
+    return prompts, eval_prompts
