@@ -59,7 +59,8 @@ class PPOConfig:
     horizon: float = 10000.0
     """Adaptive controller horizon in rollouts: larger means beta moves more slowly (gpt2-sentiment: 10000)."""
     kl_estimator: str = "k1"
-    """Per-token KL estimator in the reward: "k1" = logp - ref_logp (unbiased), "k3" = (r - 1) - log r (>= 0)."""
+    """Per-token KL estimator in the reward: "k1" = logp - ref_logp (unbiased), "k3" = (r - 1) - log r (>= 0).
+    k3 penalises small per-token drift only to second order, so the policy drifts further (see `kl_penalty`)."""
 
     early_stopping: bool = False
     """Stop the PPO epochs of a step once an epoch's mean policy approx KL exceeds `target_kl_early_stop`."""

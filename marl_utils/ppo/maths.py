@@ -97,6 +97,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
     k1 = log pi - log ref: unbiased, can be negative on single tokens.
     k3 = (r - 1) - log r with r = ref / pi: unbiased too, never negative, lower variance (Schulman 2020).
+    As a per-token REWARD k3 is a weaker leash: ~x^2/2 for a small log-ratio x where k1 is x (notebook 03, exercise
+    3: KL 32.9 against 12.7 nats after 50 tiny-profile steps). Use it to measure, k1 to penalise.
     """
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
