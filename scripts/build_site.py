@@ -17,7 +17,7 @@ console error, a failed request, a picture that does not load or a formula MathJ
 
 A notebook that raises stops the build with the notebook and cell named; nothing is written then (the site is
 built in a temporary folder and renamed into place at the end, so `site/` is the old site or the new one). The
-full build takes about as long as running every notebook (tiny: ~40 minutes on a 2-core CPU).
+full build takes about as long as running every notebook (tiny: 13 minutes on a quiet 2-core CPU).
 """
 
 from __future__ import annotations
