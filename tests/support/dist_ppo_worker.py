@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 import torch
-from ppo_worker import build_trainer, prompts
+from ppo_worker import build_trainer, leave_process_group, prompts
 
 
 def digest(tensors: dict) -> str:
@@ -100,3 +100,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    leave_process_group()

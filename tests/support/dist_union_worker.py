@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from ppo_worker import build_trainer
+from ppo_worker import build_trainer, leave_process_group
 
 
 def rollouts(tokenizer):
@@ -57,3 +57,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    leave_process_group()

@@ -92,6 +92,16 @@ def marl_command(argv, pause: float) -> int:
     return marl(argv)
 
 
+def leave_process_group() -> None:
+    """Leave the process group before exiting. A torch.distributed.run worker that exits with gloo's threads still
+    running can abort at exit ("terminate called without an active exception", SIGABRT: seen once on CI)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["marl"]:
@@ -124,3 +134,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    leave_process_group()
