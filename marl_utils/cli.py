@@ -121,10 +121,15 @@ def main(argv=None) -> int:
     if os.environ.get("CI"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        return run_command(args)
+        code = run_command(args)
     except MarlInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if "torch.distributed" in sys.modules:   # a torchrun job (marl ppo under torchrun): leave it cleanly
+        from .ppo.accelerator import leave_process_group
+
+        leave_process_group()
+    return code
 
 
 if __name__ == "__main__":

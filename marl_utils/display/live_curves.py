@@ -64,7 +64,8 @@ class LiveCurves:
         self._text_handle = self._image_handle = None
         self._figure = None
         self.closed = False
-        self._replaying, self._replayed_seconds = False, None
+        self._replaying = False
+        self._saved_run: dict | None = None   # set by replay(): the curves are a finished run's, not this one's
 
     # ------------------------------------------------------------------------------------------ feeding
     def add(self, values: dict, *, step=None, series: str = "") -> None:
@@ -91,7 +92,7 @@ class LiveCurves:
         recorded it), not how long the replay took.
         """
         self.source = ("Saved training log", "Saved training logs, first -> last")
-        self._replayed_seconds = seconds
+        self._saved_run = {"seconds": seconds}
         self._replaying = True
         try:
             for row in rows:
@@ -149,8 +150,9 @@ class LiveCurves:
         series = list(self.points)
         steps = int(self._last_step)
         seconds = time.perf_counter() - self._start if self._start is not None else 0.0
-        if final and self.source[0] == "Saved training log":
-            took = f" (the stage took {self._replayed_seconds:.0f} s)" if self._replayed_seconds is not None else ""
+        if final and self._saved_run is not None:
+            took = self._saved_run["seconds"]
+            took = f" (the stage took {took:.0f} s)" if took is not None else ""
             head = f"from the saved run: {steps} steps{took}. {self.source[1]}:"
         elif final:
             head = f"done: {steps} steps in {seconds:.0f} s. {self.source[1]}:"

@@ -81,3 +81,14 @@ def prepare_model_keeping_forward(accelerator, model, **kwargs):
         model.__dict__.pop(name, None)
     model.__dict__.update(before)
     return prepared
+
+
+def leave_process_group() -> None:
+    """End this process's part in a torchrun job before the interpreter exits: wait for the other ranks, then
+    destroy the process group. A gloo worker that exits with the group still alive can abort at exit
+    ("terminate called without an active exception", SIGABRT) after its work is done. No-op in one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -117,3 +117,18 @@ def test_notebook_launcher_runs_the_same_data_parallel_training(stand_ins, tmp_p
     assert rank0["world_size"] == 2 and rank0["policy_wrapper"] == "DistributedDataParallel"
     assert rank0["rollouts"][0]["responses"] != rank1["rollouts"][0]["responses"]
     assert rank0["after"] == rank1["after"] and rank0["after"] != rank0["before"]
+
+
+def test_leave_process_group_ends_the_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    from marl_utils.ppo.accelerator import leave_process_group
+
+    leave_process_group()   # one process, no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        leave_process_group()
+        assert not dist.is_initialized()   # what `marl` does at the end of a torchrun job
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from marl_utils.ppo.accelerator import leave_process_group  # noqa: F401  (the dist_* workers import it from here)
 
 QUICK_SIZES = dict(
     sft_max_steps=2, sft_batch_size=8, sft_max_train_examples=32, sft_eval_examples=8, sft_max_length=48,
@@ -90,16 +91,6 @@ def marl_command(argv, pause: float) -> int:
 
     PPOTrainer.log_stats = log_then_pause
     return marl(argv)
-
-
-def leave_process_group() -> None:
-    """Leave the process group before exiting. A torch.distributed.run worker that exits with gloo's threads still
-    running can abort at exit ("terminate called without an active exception", SIGABRT: seen once on CI)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def main(argv=None) -> None:
